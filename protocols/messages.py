@@ -1,0 +1,430 @@
+"""Every message of protocol version 1, as typed frozen dataclasses.
+
+Naming: requests are ``<action>_request`` answered by ``<action>_reply``; one-way messages are
+bare nouns (``heartbeat``); events are ``<noun>.<past-verb>`` and travel on the event bus.
+Nested structures (replica status, exit reasons) are msgpack maps documented in
+``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.registry import message
+
+_frozen = dataclass(frozen=True, slots=True, kw_only=True)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@message("error_reply")
+@_frozen
+class ErrorReply:
+    """The body of every reply whose header has ``status = "error"``."""
+
+    code: str
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --- control plane: clients -> kernel ----------------------------------------------------------
+
+
+@message("ping_request")
+@_frozen
+class PingRequest:
+    """Liveness probe of the kernel; the cheapest control round trip."""
+
+
+@message("ping_reply")
+@_frozen
+class PingReply:
+    """The kernel's identity."""
+
+    version: str
+    pid: int
+    uptime_s: float
+
+
+@message("status_request")
+@_frozen
+class StatusRequest:
+    """Status of one service (``service`` set) or of the whole kernel."""
+
+    service: str | None = None
+
+
+@message("status_reply")
+@_frozen
+class StatusReply:
+    """Kernel summary plus one map per service (see *ServiceStatus* in the spec)."""
+
+    kernel: dict[str, Any]
+    services: list[dict[str, Any]]
+
+
+@message("list_request")
+@_frozen
+class ListRequest:
+    """The configured services and their specs."""
+
+
+@message("list_reply")
+@_frozen
+class ListReply:
+    """One map per configured service (see *ServiceSummary* in the spec)."""
+
+    services: list[dict[str, Any]]
+
+
+@message("start_request")
+@_frozen
+class StartRequest:
+    """Start a stopped or failed service (all its replicas)."""
+
+    service: str
+    wait: bool = True
+
+
+@message("start_reply")
+@_frozen
+class StartReply:
+    """The service's state once the start completed (or was initiated, with ``wait = false``)."""
+
+    service: str
+    state: str
+
+
+@message("stop_request")
+@_frozen
+class StopRequest:
+    """Stop every replica of a service: SIGTERM to the process tree, SIGKILL after the grace."""
+
+    service: str
+
+
+@message("stop_reply")
+@_frozen
+class StopReply:
+    """The service after the stop."""
+
+    service: str
+    state: str
+
+
+@message("restart_request")
+@_frozen
+class RestartRequest:
+    """Stop then start a service."""
+
+    service: str
+    wait: bool = True
+
+
+@message("restart_reply")
+@_frozen
+class RestartReply:
+    """The service after the restart."""
+
+    service: str
+    state: str
+
+
+@message("scale_request")
+@_frozen
+class ScaleRequest:
+    """Change the number of replicas of a service."""
+
+    service: str
+    replicas: int
+    wait: bool = True
+
+
+@message("scale_reply")
+@_frozen
+class ScaleReply:
+    """The new and previous replica counts."""
+
+    service: str
+    replicas: int
+    previous: int
+
+
+@message("lookup_request")
+@_frozen
+class LookupRequest:
+    """Where a service's data plane is: the name-service query."""
+
+    service: str
+
+
+@message("lookup_reply")
+@_frozen
+class LookupReply:
+    """Data-plane endpoints of the ready replicas and the RPC methods they serve."""
+
+    service: str
+    endpoints: list[str]
+    methods: list[str]
+    ready: int
+    replicas: int
+
+
+@message("events_request")
+@_frozen
+class EventsRequest:
+    """Kernel events from the history ring with ``seq >= since_seq`` matching ``pattern``."""
+
+    since_seq: int = 0
+    pattern: str = "*"
+    limit: int = 1000
+
+
+@message("events_reply")
+@_frozen
+class EventsReply:
+    """Past kernel events plus where to subscribe for the live stream."""
+
+    endpoint: str
+    events: list[dict[str, Any]]
+    next_seq: int
+
+
+@message("shutdown_request")
+@_frozen
+class ShutdownRequest:
+    """Stop every service in reverse dependency order, then the kernel."""
+
+
+@message("shutdown_reply")
+@_frozen
+class ShutdownReply:
+    """Sent before the kernel begins stopping services."""
+
+    services: int
+
+
+# --- control plane: services -> kernel ---------------------------------------------------------
+
+
+@message("heartbeat")
+@_frozen
+class Heartbeat:
+    """One-way liveness signal from a service replica (no reply)."""
+
+    service: str
+    replica: int
+    incarnation: int
+
+
+@message("ready_request")
+@_frozen
+class ReadyRequest:
+    """A replica announces it is ready, with its data-plane endpoint and RPC methods."""
+
+    service: str
+    replica: int
+    incarnation: int
+    endpoint: str
+    methods: list[str]
+    pid: int
+
+
+@message("ready_reply")
+@_frozen
+class ReadyReply:
+    """Acknowledges readiness."""
+
+    state: str
+
+
+@message("progress_request")
+@_frozen
+class ProgressRequest:
+    """A starting replica reports progress and extends its start timeout by ``extend_s``."""
+
+    service: str
+    replica: int
+    incarnation: int
+    message: str = ""
+    extend_s: float = 0.0
+
+
+@message("progress_reply")
+@_frozen
+class ProgressReply:
+    """Seconds left before the start timeout fires."""
+
+    deadline_in_s: float
+
+
+# --- data plane --------------------------------------------------------------------------------
+
+
+@message("rpc_request")
+@_frozen
+class RpcRequest:
+    """Call ``method`` on a service with keyword arguments ``args``."""
+
+    method: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@message("rpc_reply")
+@_frozen
+class RpcReply:
+    """The handler's return value (any msgpack value, tensors and buffers as extra frames)."""
+
+    result: Any = None
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@message("kernel.started")
+@_frozen
+class KernelStarted:
+    """The kernel bound its sockets and began starting services."""
+
+    seq: int = 0
+    pid: int
+    version: str
+    control: str
+    events: str
+
+
+@message("kernel.stopping")
+@_frozen
+class KernelStopping:
+    """The kernel began its shutdown."""
+
+    seq: int = 0
+    reason: str
+
+
+@message("service.starting")
+@_frozen
+class ServiceStarting:
+    """A replica is about to be spawned."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+
+
+@message("service.started")
+@_frozen
+class ServiceStarted:
+    """A replica's process was spawned."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+
+
+@message("service.progress")
+@_frozen
+class ServiceProgress:
+    """A starting replica reported progress (and extended its start timeout)."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    message: str
+
+
+@message("service.ready")
+@_frozen
+class ServiceReady:
+    """A replica announced readiness (or, for ``ready = "spawn"`` commands, was spawned)."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    endpoint: str
+    startup_ms: float
+
+
+@message("service.exited")
+@_frozen
+class ServiceExited:
+    """A replica's process exited; ``reason`` is an ExitReason map."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    reason: dict[str, Any]
+    uptime_s: float
+    will_restart: bool
+
+
+@message("service.backoff")
+@_frozen
+class ServiceBackoff:
+    """A replica waits ``delay_s`` before its next start."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    delay_s: float
+    consecutive: int
+
+
+@message("service.stopped")
+@_frozen
+class ServiceStopped:
+    """A service was stopped on request (every replica is down)."""
+
+    seq: int = 0
+    service: str
+
+
+@message("service.failed")
+@_frozen
+class ServiceFailed:
+    """A service gave up: its restart intensity was exceeded."""
+
+    seq: int = 0
+    service: str
+    reason: str
+
+
+@message("service.scaled")
+@_frozen
+class ServiceScaled:
+    """The replica count of a service changed."""
+
+    seq: int = 0
+    service: str
+    replicas: int
+    previous: int
+
+
+@message("supervisor.escalated")
+@_frozen
+class SupervisorEscalated:
+    """A group's restart intensity was exceeded; the whole group is marked failed."""
+
+    seq: int = 0
+    group: str
+    service: str
+    reason: str
+
+
+@message("kernel.welcome")
+@_frozen
+class KernelWelcome:
+    """Answer to a subscriber's probe topic: its subscriptions before the probe are live."""
+
+    seq: int = 0
+    next_seq: int

@@ -1,0 +1,191 @@
+"""The msg_type <-> message class registry and field validation.
+
+Every message is a frozen dataclass registered under its wire ``msg_type``. Validation is
+compiled once per class from the type annotations, so decoding checks every inbound field
+without reflection on the hot path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from protocols.errors import ErrorCode, ProtocolError
+
+T = TypeVar("T")
+
+_BY_TYPE: dict[str, type] = {}
+_BY_CLASS: dict[type, str] = {}
+
+Checker = Callable[[str, Any], Any]
+
+
+def message(msg_type: str) -> Callable[[type[T]], type[T]]:
+    """Register a dataclass as the body of ``msg_type``."""
+
+    def register(cls: type[T]) -> type[T]:
+        if msg_type in _BY_TYPE:
+            raise ValueError(f"msg_type {msg_type!r} registered twice")
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls.__name__} must be a dataclass")
+        _BY_TYPE[msg_type] = cls
+        _BY_CLASS[cls] = msg_type
+        cls.MSG_TYPE = msg_type  # type: ignore[attr-defined]
+        _SCHEMAS[cls] = _compile(cls)
+        return cls
+
+    return register
+
+
+def class_for(msg_type: str) -> type | None:
+    """The class registered for ``msg_type``, or None."""
+    return _BY_TYPE.get(msg_type)
+
+
+def type_of(message_obj: object) -> str:
+    """The registered msg_type of a message instance."""
+    try:
+        return _BY_CLASS[type(message_obj)]
+    except KeyError:
+        raise TypeError(f"{type(message_obj).__name__} is not a registered message") from None
+
+
+def registered_types() -> dict[str, type]:
+    """A copy of the whole registry (used by the docs test and the spec generator)."""
+    return dict(_BY_TYPE)
+
+
+# --- compiled validation -------------------------------------------------------------------
+
+_MISSING = object()
+_SCHEMAS: dict[type, tuple[tuple[str, Checker, Any], ...]] = {}
+
+
+def _fail(path: str, expected: str, value: Any) -> ProtocolError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ProtocolError(ErrorCode.INVALID_FIELD, f"field {path!r}: expected {expected}, got {shown}")
+
+
+def _checker(annotation: Any) -> Checker:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any or annotation is object:
+        return lambda path, v: v
+    if origin in (typing.Union, types.UnionType):
+        optional = type(None) in args
+        inner = [a for a in args if a is not type(None)]
+        checkers = [_checker(a) for a in inner]
+
+        def check_union(path: str, v: Any) -> Any:
+            if v is None and optional:
+                return None
+            errors = []
+            for c in checkers:
+                try:
+                    return c(path, v)
+                except ProtocolError as e:
+                    errors.append(e)
+            raise errors[0] if errors else _fail(path, "null", v)
+
+        return check_union
+    if annotation is bool:
+        def check_bool(path: str, v: Any) -> Any:
+            if type(v) is not bool:
+                raise _fail(path, "a boolean", v)
+            return v
+        return check_bool
+    if annotation is int:
+        def check_int(path: str, v: Any) -> Any:
+            if type(v) is not int:
+                raise _fail(path, "an integer", v)
+            return v
+        return check_int
+    if annotation is float:
+        def check_float(path: str, v: Any) -> Any:
+            if type(v) is float:
+                return v
+            if type(v) is int:
+                return float(v)
+            raise _fail(path, "a number", v)
+        return check_float
+    if annotation is str:
+        def check_str(path: str, v: Any) -> Any:
+            if type(v) is not str:
+                raise _fail(path, "a string", v)
+            return v
+        return check_str
+    if annotation is bytes:
+        def check_bytes(path: str, v: Any) -> Any:
+            if isinstance(v, bytes):
+                return v
+            if isinstance(v, memoryview):
+                return v
+            raise _fail(path, "binary", v)
+        return check_bytes
+    if origin in (list, tuple) or annotation in (list, tuple):
+        item = _checker(args[0]) if args else (lambda p, v: v)
+        as_tuple = origin is tuple or annotation is tuple
+
+        def check_seq(path: str, v: Any) -> Any:
+            if not isinstance(v, (list, tuple)):
+                raise _fail(path, "an array", v)
+            items = [item(f"{path}[{i}]", x) for i, x in enumerate(v)]
+            return tuple(items) if as_tuple else items
+        return check_seq
+    if origin is dict or annotation is dict:
+        value = _checker(args[1]) if len(args) == 2 else (lambda p, v: v)
+
+        def check_map(path: str, v: Any) -> Any:
+            if not isinstance(v, dict):
+                raise _fail(path, "a map", v)
+            out = {}
+            for k, x in v.items():
+                if type(k) is not str:
+                    raise _fail(f"{path} key", "a string", k)
+                out[k] = value(f"{path}.{k}", x)
+            return out
+        return check_map
+    raise TypeError(f"unsupported field annotation {annotation!r}")
+
+
+def _compile(cls: type) -> tuple[tuple[str, Checker, Any], ...]:
+    hints = typing.get_type_hints(cls)
+    schema = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory
+        else:
+            default = _MISSING
+        schema.append((f.name, _checker(hints[f.name]), default))
+    return tuple(schema)
+
+
+def build(cls: type[T], body: Any) -> T:
+    """Validate a decoded msgpack body against ``cls`` and construct it.
+
+    Unknown keys are ignored (a newer minor version may add fields); missing required keys and
+    wrongly typed values raise ``ProtocolError(INVALID_FIELD)``.
+    """
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, f"body of {_BY_CLASS.get(cls, cls.__name__)} must be a map")
+    kwargs = {}
+    for name, check, default in _SCHEMAS[cls]:
+        value = body.get(name, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ProtocolError(ErrorCode.INVALID_FIELD, f"missing required field {name!r}")
+            continue
+        kwargs[name] = check(name, value)
+    return cls(**kwargs)
+
+
+def fields_of(cls: type) -> tuple[str, ...]:
+    """Field names of a registered message class, in declaration order."""
+    return tuple(name for name, _, _ in _SCHEMAS[cls])

@@ -1,0 +1,321 @@
+"""ZeroMQ plumbing shared by the daemon, the client and the service SDK.
+
+The fast pattern for a zmq socket inside an asyncio (uvloop) loop is to watch the socket's
+file descriptor with ``loop.add_reader`` and drain it with ``NOBLOCK`` until ``EAGAIN``,
+rather than awaiting one future per message (``zmq.asyncio``), which is several times slower.
+The zmq FD is edge-triggered: after every send the socket's ``EVENTS`` must be re-checked,
+or messages that arrived meanwhile would sit unnoticed. ``AsyncSocket`` does exactly that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from protocols import wire
+from protocols.errors import CallTimeout, ErrorCode, MicrokernelError, ProtocolError, RemoteError
+
+log = logging.getLogger("microkernel.transport")
+
+DRAIN_BATCH = 256
+
+
+class AsyncSocket:
+    """A plain (non-asyncio) zmq socket driven by an asyncio loop's readiness callbacks.
+
+    ``on_message(frames)`` is called synchronously for every inbound multipart message; it must
+    not block (spawn a task for slow work). ``send`` never blocks: when the socket is at its
+    high-water mark, outgoing messages wait in a local queue (or are dropped for ROUTER sockets
+    constructed with ``drop_when_full=True``, where one slow peer must not stall the others).
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[Any]], None],
+        *,
+        copy: bool = False,
+        drop_when_full: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self.copy = copy
+        self.drop_when_full = drop_when_full
+        self.loop = loop or asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._outbox: collections.deque[Sequence[Any]] = collections.deque()
+        self._check_pending = False
+        self._closed = False
+        self.dropped = 0
+        self.loop.add_reader(self._fd, self._on_ready)
+        # Messages may already be queued before the reader was registered.
+        self._schedule_check()
+
+    def _on_ready(self) -> None:
+        if self._closed:
+            return
+        self._flush()
+        self._drain()
+
+    def _drain(self) -> None:
+        sock = self.sock
+        recv = sock.recv_multipart
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=self.copy)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                if self._closed or exc.errno == zmq.ENOTSOCK:
+                    return
+                raise
+            try:
+                self.on_message(frames)
+            except Exception:  # a handler bug must not kill the socket's reader
+                log.exception("unhandled error while processing a message")
+            if self._closed:
+                return
+        # More may be queued: yield to the loop so other sockets get a turn, then continue.
+        self._schedule_check()
+
+    def _schedule_check(self) -> None:
+        if not self._check_pending and not self._closed:
+            self._check_pending = True
+            self.loop.call_soon(self._check)
+
+    def _check(self) -> None:
+        self._check_pending = False
+        if self._closed:
+            return
+        try:
+            events = self.sock.getsockopt(zmq.EVENTS)
+        except zmq.ZMQError:
+            return
+        if self._outbox and events & zmq.POLLOUT:
+            self._flush()
+        if events & zmq.POLLIN:
+            self._drain()
+
+    def _flush(self) -> None:
+        while self._outbox:
+            try:
+                self.sock.send_multipart(self._outbox[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                log.debug("dropping an outgoing message: %s", exc)
+            self._outbox.popleft()
+
+    def send(self, frames: Sequence[Any]) -> bool:
+        """Queue ``frames`` for sending; returns False when the message was dropped."""
+        if self._closed:
+            return False
+        if self._outbox:
+            if self.drop_when_full:
+                self.dropped += 1
+                return False
+            self._outbox.append(frames)
+            return True
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if self.drop_when_full:
+                self.dropped += 1
+                return False
+            self._outbox.append(frames)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: the peer went away
+                self.dropped += 1
+                return False
+            raise
+        self._schedule_check()
+        return True
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for the socket to accept them."""
+        return len(self._outbox)
+
+    def close(self, linger: int = 0) -> None:
+        """Stop watching the socket and close it."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self._fd)
+        except Exception:  # the loop may already be closed
+            pass
+        self.sock.close(linger=linger)
+
+
+def raise_for_error(envelope: wire.Envelope) -> wire.Envelope:
+    """Turn an error reply into ``RemoteError``; return ok replies unchanged."""
+    if envelope.is_error:
+        err = envelope.message
+        raise RemoteError(err.code, err.reason, err.details)
+    return envelope
+
+
+class AsyncRequester:
+    """Request/reply over a DEALER inside an asyncio loop, correlated by ``parent_id``.
+
+    Many requests may be in flight at once; each awaits its own reply. Replies that arrive
+    after their caller gave up are dropped.
+    """
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoints: Sequence[str],
+        *,
+        sender: str,
+        identity: bytes | None = None,
+        immediate: bool = False,
+        max_size: int | None = None,
+    ) -> None:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        if identity is not None:
+            sock.identity = identity
+        if immediate:
+            sock.immediate = 1
+        for ep in endpoints:
+            sock.connect(ep)
+        self.endpoints = list(endpoints)
+        self.sender = sender
+        self.max_size = max_size
+        self._pending: dict[bytes, asyncio.Future[wire.Envelope]] = {}
+        self.on_unsolicited: Callable[[wire.Envelope], None] | None = None
+        self.socket = AsyncSocket(sock, self._on_message)
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints:
+            self.socket.sock.connect(endpoint)
+            self.endpoints.append(endpoint)
+
+    def disconnect(self, endpoint: str) -> None:
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+            try:
+                self.socket.sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+
+    def _on_message(self, frames: list[Any]) -> None:
+        try:
+            env = wire.decode(frames, max_size=self.max_size)
+        except ProtocolError as exc:
+            log.warning("dropping an undecodable reply: %s", exc)
+            return
+        parent = env.header.parent_id
+        fut = self._pending.pop(parent, None) if parent is not None else None
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(env)
+        elif self.on_unsolicited is not None:
+            self.on_unsolicited(env)
+
+    def send(self, message: Any, *, deadline_ns: int | None = None) -> None:
+        """Fire-and-forget (one-way messages such as heartbeats)."""
+        self.socket.send(wire.encode(message, sender=self.sender, deadline_ns=deadline_ns))
+
+    async def request(self, message: Any, *, timeout: float | None = None, deadline_ns: int | None = None) -> wire.Envelope:
+        """Send ``message`` and await its ok reply; raises RemoteError or CallTimeout."""
+        msg_id = wire.new_msg_id()
+        fut: asyncio.Future[wire.Envelope] = self.socket.loop.create_future()
+        self._pending[msg_id] = fut
+        if deadline_ns is None and timeout is not None:
+            deadline_ns = time.time_ns() + int(timeout * 1e9)
+        self.socket.send(wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns))
+        try:
+            if timeout is None:
+                env = await fut
+            else:
+                async with asyncio.timeout(timeout):
+                    env = await fut
+        except TimeoutError:
+            raise CallTimeout(f"no reply to {wire.msg_type_of(message)} from {', '.join(self.endpoints) or 'nowhere'} within {timeout:g}s") from None
+        finally:
+            self._pending.pop(msg_id, None)
+        return raise_for_error(env)
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(MicrokernelError(ErrorCode.UNAVAILABLE, "connection closed"))
+        self._pending.clear()
+        self.socket.close()
+
+
+class SyncRequester:
+    """Blocking request/reply over a DEALER, for scripts and the synchronous client."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoints: Sequence[str],
+        *,
+        sender: str,
+        immediate: bool = False,
+        max_size: int | None = None,
+    ) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        if immediate:
+            self.sock.immediate = 1
+        for ep in endpoints:
+            self.sock.connect(ep)
+        self.endpoints = list(endpoints)
+        self.sender = sender
+        self.max_size = max_size
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+
+    def connect(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints:
+            self.sock.connect(endpoint)
+            self.endpoints.append(endpoint)
+
+    def disconnect(self, endpoint: str) -> None:
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+            try:
+                self.sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass
+
+    def request(self, message: Any, *, timeout: float, deadline_ns: int | None = None) -> wire.Envelope:
+        """Send and wait for the correlated reply; raises RemoteError or CallTimeout."""
+        msg_id = wire.new_msg_id()
+        deadline = time.monotonic() + timeout
+        if deadline_ns is None:
+            deadline_ns = time.time_ns() + int(timeout * 1e9)
+        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
+        self.sock.sndtimeo = max(1, int(timeout * 1000))
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise CallTimeout(f"could not send {wire.msg_type_of(message)} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._poller.poll(max(1, int(left * 1000))):
+                raise CallTimeout(f"no reply to {wire.msg_type_of(message)} from {', '.join(self.endpoints)} within {timeout:g}s")
+            frames_in = self.sock.recv_multipart(copy=False)
+            try:
+                env = wire.decode(frames_in, max_size=self.max_size)
+            except ProtocolError as exc:
+                log.warning("dropping an undecodable reply: %s", exc)
+                continue
+            if env.header.parent_id == msg_id:
+                return raise_for_error(env)
+            # A late reply to an earlier request that timed out: ignore it.
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,410 @@
+"""The one module that owns msgpack and the frame layout.
+
+A message on the wire is a ZeroMQ multipart message::
+
+    [*routing_ids, b"MK1", header, body, *buffers]          (request/reply sockets)
+    [topic, b"MK1", header, body, *buffers]                 (pub/sub)
+
+``header`` and ``body`` are msgpack maps. Binary payloads (numpy arrays, memoryviews,
+bytearrays, ``bytes`` of 64 KiB or more) are not copied into the body: they travel as extra
+frames, sent with ``copy=False``, and the body holds a msgpack extension that points at the
+frame. Decoding gives read-only views of the received frames, never copies. No pickle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+
+from protocols import messages
+from protocols.errors import ErrorCode, ProtocolError
+from protocols.registry import build, class_for, fields_of, type_of
+
+MAGIC = b"MK1"
+PROTOCOL_VERSION = (1, 0)
+INLINE_BYTES_LIMIT = 64 * 1024
+EXT_BUFFER = 1
+EXT_NDARRAY = 2
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+_MSG_ID_PREFIX = os.urandom(8)
+_counter = itertools.count(1)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def new_msg_id() -> bytes:
+    """A 16-byte id unique across processes: 8 random bytes per process + a counter."""
+    return _MSG_ID_PREFIX + next(_counter).to_bytes(8, "big")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Header:
+    """The header frame of every message."""
+
+    msg_id: bytes
+    msg_type: str
+    version: tuple[int, int]
+    sender: str
+    ts_ns: int
+    parent_id: bytes | None = None
+    deadline_ns: int | None = None
+    status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event whose topic has no registered class (e.g. ``train.progress`` from a service)."""
+
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded inbound message: routing ids, header, typed body and the raw buffer frames."""
+
+    routing: list[bytes]
+    header: Header
+    message: Any
+    buffers: list[Any]
+    topic: str | None = None
+
+    @property
+    def msg_type(self) -> str:
+        return self.header.msg_type
+
+    @property
+    def is_error(self) -> bool:
+        return self.header.status == STATUS_ERROR
+
+
+@dataclass(frozen=True, slots=True)
+class RawArray:
+    """An n-dimensional array received while numpy is not installed."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def _externalize(obj: Any, buffers: list[Any]) -> Any:
+    """Replace binary payloads by extension references to extra frames (recursively)."""
+    t = type(obj)
+    if t in _SCALARS:
+        return obj
+    if t is dict:
+        out = None
+        for k, v in obj.items():
+            nv = _externalize(v, buffers)
+            if nv is not v:
+                if out is None:
+                    out = dict(obj)
+                out[k] = nv
+        return obj if out is None else out
+    if t is list or t is tuple:
+        items = [_externalize(v, buffers) for v in obj]
+        if all(a is b for a, b in zip(items, obj)):
+            return obj
+        return items
+    if t is bytes:
+        if len(obj) < INLINE_BYTES_LIMIT:
+            return obj
+        buffers.append(obj)
+        return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
+    if t is bytearray or t is memoryview:
+        buffers.append(obj)
+        return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
+    array_interface = getattr(obj, "__array_interface__", None)
+    if array_interface is not None and hasattr(obj, "dtype"):
+        if not obj.flags["C_CONTIGUOUS"]:
+            obj = obj.copy(order="C")  # a frame must be one contiguous buffer
+        buffers.append(obj.data if obj.ndim else obj.reshape(1).data)
+        ref = [len(buffers) - 1, obj.dtype.str, list(obj.shape)]
+        return msgpack.ExtType(EXT_NDARRAY, msgpack.packb(ref))
+    return obj
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack-encode a plain value (no buffers); used for headers and small bodies."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def body_of(message_obj: Any) -> dict[str, Any]:
+    """The msgpack map of a registered message instance (or the data of an ``Event``)."""
+    if type(message_obj) is Event:
+        return message_obj.data
+    return {name: getattr(message_obj, name) for name in fields_of(type(message_obj))}
+
+
+def msg_type_of(message_obj: Any) -> str:
+    """The wire msg_type of a message instance or ``Event``."""
+    if type(message_obj) is Event:
+        return message_obj.name
+    return type_of(message_obj)
+
+
+def encode(
+    message_obj: Any,
+    *,
+    sender: str,
+    parent_id: bytes | None = None,
+    deadline_ns: int | None = None,
+    status: str | None = None,
+    msg_id: bytes | None = None,
+    routing: Sequence[bytes] = (),
+    topic: str | None = None,
+) -> list[Any]:
+    """Frames for ``message_obj``: routing ids (or the topic), MAGIC, header, body, buffers."""
+    msg_type = msg_type_of(message_obj)
+    header: dict[str, Any] = {
+        "msg_id": msg_id or new_msg_id(),
+        "msg_type": msg_type,
+        "version": PROTOCOL_VERSION,
+        "sender": sender,
+        "ts_ns": time.time_ns(),
+    }
+    if parent_id is not None:
+        header["parent_id"] = parent_id
+    if deadline_ns is not None:
+        header["deadline_ns"] = deadline_ns
+    if status is not None:
+        header["status"] = status
+    buffers: list[Any] = []
+    body = _externalize(body_of(message_obj), buffers)
+    frames: list[Any] = list(routing)
+    if topic is not None:
+        frames.append(topic.encode())
+    frames.append(MAGIC)
+    frames.append(msgpack.packb(header, use_bin_type=True))
+    frames.append(msgpack.packb(body, use_bin_type=True))
+    frames.extend(buffers)
+    return frames
+
+
+def reply_type(request_type: str) -> str:
+    """``start_request`` -> ``start_reply``."""
+    if request_type.endswith("_request"):
+        return request_type[: -len("_request")] + "_reply"
+    return "error_reply"
+
+
+def encode_reply(request: Header, message_obj: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
+    """An ``ok`` reply correlated to ``request`` (parent_id = the request's msg_id)."""
+    return encode(message_obj, sender=sender, parent_id=request.msg_id, status=STATUS_OK, routing=routing)
+
+
+def encode_error(
+    request: Header | None,
+    code: ErrorCode | str,
+    reason: str,
+    *,
+    sender: str,
+    details: dict[str, Any] | None = None,
+    routing: Sequence[bytes] = (),
+) -> list[Any]:
+    """An ``error`` reply. msg_type is the request's reply type when known, else ``error_reply``."""
+    header: dict[str, Any] = {
+        "msg_id": new_msg_id(),
+        "msg_type": reply_type(request.msg_type) if request is not None else "error_reply",
+        "version": PROTOCOL_VERSION,
+        "sender": sender,
+        "ts_ns": time.time_ns(),
+        "status": STATUS_ERROR,
+    }
+    if request is not None:
+        header["parent_id"] = request.msg_id
+    body = {"code": str(ErrorCode(code).value), "reason": reason, "details": details or {}}
+    return [*routing, MAGIC, pack(header), pack(body)]
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def _nbytes(frame: Any) -> int:
+    if type(frame) is bytes:
+        return len(frame)
+    return memoryview(frame).nbytes
+
+
+def _as_bytes(frame: Any) -> bytes:
+    return frame if type(frame) is bytes else bytes(frame)
+
+
+def _view(frame: Any) -> memoryview:
+    buf = getattr(frame, "buffer", None)  # zmq.Frame received with copy=False
+    view = buf if buf is not None else memoryview(frame)
+    return view.toreadonly() if not view.readonly else view
+
+
+def _decode_header(raw: Any) -> Header:
+    try:
+        h = msgpack.unpackb(raw, raw=False, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack: {exc}") from None
+    if not isinstance(h, dict):
+        raise ProtocolError(ErrorCode.MALFORMED, "header must be a map")
+    version = h.get("version")
+    if (
+        not isinstance(version, list)
+        or len(version) != 2
+        or not all(type(v) is int for v in version)
+    ):
+        raise ProtocolError(ErrorCode.MALFORMED, "header.version must be [major, minor]")
+    if version[0] != PROTOCOL_VERSION[0]:
+        err = ProtocolError(
+            ErrorCode.VERSION_MISMATCH,
+            f"protocol major version {version[0]} is not supported (this peer speaks {PROTOCOL_VERSION[0]}.x)",
+        )
+        err.header = _loose_header(h)  # type: ignore[attr-defined]
+        raise err
+    msg_id, msg_type, sender, ts_ns = h.get("msg_id"), h.get("msg_type"), h.get("sender"), h.get("ts_ns")
+    if not isinstance(msg_id, bytes) or not 1 <= len(msg_id) <= 64:
+        raise ProtocolError(ErrorCode.MALFORMED, "header.msg_id must be 1..64 bytes")
+    if type(msg_type) is not str or not msg_type:
+        raise ProtocolError(ErrorCode.MALFORMED, "header.msg_type must be a non-empty string")
+    if type(sender) is not str:
+        raise ProtocolError(ErrorCode.MALFORMED, "header.sender must be a string")
+    if type(ts_ns) is not int:
+        raise ProtocolError(ErrorCode.MALFORMED, "header.ts_ns must be an integer")
+    parent_id, deadline_ns, status = h.get("parent_id"), h.get("deadline_ns"), h.get("status")
+    if parent_id is not None and not isinstance(parent_id, bytes):
+        raise ProtocolError(ErrorCode.MALFORMED, "header.parent_id must be binary")
+    if deadline_ns is not None and type(deadline_ns) is not int:
+        raise ProtocolError(ErrorCode.MALFORMED, "header.deadline_ns must be an integer")
+    if status is not None and status not in (STATUS_OK, STATUS_ERROR):
+        raise ProtocolError(ErrorCode.MALFORMED, "header.status must be 'ok' or 'error'")
+    return Header(
+        msg_id=msg_id,
+        msg_type=msg_type,
+        version=(version[0], version[1]),
+        sender=sender,
+        ts_ns=ts_ns,
+        parent_id=parent_id,
+        deadline_ns=deadline_ns,
+        status=status,
+    )
+
+
+def _loose_header(h: dict[str, Any]) -> Header | None:
+    """A best-effort header for correlating an error reply to an unusable request."""
+    msg_id = h.get("msg_id")
+    msg_type = h.get("msg_type")
+    if not isinstance(msg_id, bytes) or type(msg_type) is not str:
+        return None
+    return Header(msg_id=msg_id, msg_type=msg_type, version=PROTOCOL_VERSION, sender=str(h.get("sender", "")), ts_ns=0)
+
+
+def _ext_hook_for(buffers: list[Any]):
+    def hook(code: int, data: bytes) -> Any:
+        if code == EXT_BUFFER:
+            index = msgpack.unpackb(data)
+            if type(index) is not int or not 0 <= index < len(buffers):
+                raise ProtocolError(ErrorCode.MALFORMED, f"buffer reference {index!r} has no frame")
+            return _view(buffers[index])
+        if code == EXT_NDARRAY:
+            ref = msgpack.unpackb(data, raw=False)
+            if not (isinstance(ref, list) and len(ref) == 3 and type(ref[0]) is int and type(ref[1]) is str
+                    and isinstance(ref[2], list) and all(type(d) is int and d >= 0 for d in ref[2])):
+                raise ProtocolError(ErrorCode.MALFORMED, "ndarray reference must be [index, dtype, shape]")
+            index, dtype, shape = ref
+            if not 0 <= index < len(buffers):
+                raise ProtocolError(ErrorCode.MALFORMED, f"ndarray reference {index} has no frame")
+            return _array(_view(buffers[index]), dtype, tuple(shape))
+        return msgpack.ExtType(code, data)
+
+    return hook
+
+
+def _array(view: memoryview, dtype: str, shape: tuple[int, ...]) -> Any:
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for the daemon
+        return RawArray(dtype, shape, view)
+    try:
+        arr = np.frombuffer(view, dtype=np.dtype(dtype))
+        return arr.reshape(shape) if shape else arr.reshape(())
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"ndarray frame does not match dtype {dtype} shape {list(shape)}: {exc}") from None
+
+
+def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None = None) -> Envelope:
+    """Parse and validate one inbound multipart message.
+
+    Raises ``ProtocolError``; when the header could be read the exception carries it as
+    ``.header`` (and the routing ids as ``.routing``) so the caller can address an error reply.
+    """
+    routing: list[bytes] = []
+    if topic:
+        if len(frames) < 4:
+            raise ProtocolError(ErrorCode.MALFORMED, f"expected at least 4 frames (topic, MK1, header, body), got {len(frames)}")
+        topic_name = _as_bytes(frames[0]).decode("utf-8", "replace")
+        start = 1
+        if _as_bytes(frames[1]) != MAGIC:
+            raise ProtocolError(ErrorCode.MALFORMED, "frame after the topic must be b'MK1'")
+    else:
+        topic_name = None
+        start = -1
+        for i in range(min(len(frames), 8)):
+            f = frames[i]
+            if _nbytes(f) == 3 and _as_bytes(f) == MAGIC:
+                start = i
+                break
+            routing.append(_as_bytes(f))
+        if start < 0:
+            err = ProtocolError(ErrorCode.MALFORMED, "no b'MK1' protocol frame in the message")
+            err.routing = routing[:1]  # type: ignore[attr-defined]
+            raise err
+    if len(frames) - start < 3:
+        err = ProtocolError(ErrorCode.MALFORMED, "message ends before the header and body frames")
+        err.routing = routing  # type: ignore[attr-defined]
+        raise err
+    if max_size is not None:
+        total = sum(_nbytes(f) for f in frames)
+        if total > max_size:
+            err = ProtocolError(ErrorCode.TOO_LARGE, f"message of {total} bytes exceeds the limit of {max_size} bytes")
+            err.routing = routing  # type: ignore[attr-defined]
+            try:
+                err.header = _decode_header(frames[start + 1])  # type: ignore[attr-defined]
+            except ProtocolError:
+                pass
+            raise err
+    try:
+        header = _decode_header(frames[start + 1])
+    except ProtocolError as err:
+        err.routing = routing  # type: ignore[attr-defined]
+        raise
+    buffers = list(frames[start + 3:])
+    try:
+        try:
+            body = msgpack.unpackb(frames[start + 2], raw=False, use_list=True, ext_hook=_ext_hook_for(buffers))
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"body of {header.msg_type} is not valid msgpack: {exc}") from None
+        if header.status == STATUS_ERROR:
+            message_obj: Any = build(messages.ErrorReply, body)
+        else:
+            cls = class_for(header.msg_type)
+            if cls is None:
+                if topic_name is not None or "." in header.msg_type:
+                    if not isinstance(body, dict):
+                        raise ProtocolError(ErrorCode.MALFORMED, f"body of event {header.msg_type} must be a map")
+                    message_obj = Event(header.msg_type, body)
+                else:
+                    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown msg_type {header.msg_type!r}")
+            else:
+                message_obj = build(cls, body)
+    except ProtocolError as err:
+        err.routing = routing  # type: ignore[attr-defined]
+        err.header = header  # type: ignore[attr-defined]
+        raise
+    return Envelope(routing=routing, header=header, message=message_obj, buffers=buffers, topic=topic_name)
