@@ -1,0 +1,146 @@
+"""Calling services over the direct data plane.
+
+The kernel is a name service, not a router: a caller asks it once where a service's ready
+replicas are (``lookup_request``), connects one DEALER to all of their endpoints (ZeroMQ then
+load-balances requests across replicas) and talks to them directly. Lookups are cached for a
+short time and refreshed at once after a failure, so restarted replicas (new endpoints) are
+found quickly without a lookup per call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from protocols import messages, wire
+from protocols.errors import CallTimeout, ErrorCode, MicrokernelError
+from protocols.transport import AsyncRequester, SyncRequester
+
+LOOKUP_TTL_S = 2.0
+
+
+def rpc_result(envelope: wire.Envelope) -> Any:
+    """The result of an ok ``rpc_reply``."""
+    msg = envelope.message
+    if not isinstance(msg, messages.RpcReply):
+        raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {envelope.msg_type}")
+    return msg.result
+
+
+def _check_lookup(reply: messages.LookupReply) -> list[str]:
+    if not reply.endpoints:
+        raise MicrokernelError(ErrorCode.NOT_READY, f"service {reply.service!r} has no ready replica")
+    return list(reply.endpoints)
+
+
+class _Route:
+    __slots__ = ("requester", "expires")
+
+    def __init__(self, requester: Any, expires: float) -> None:
+        self.requester = requester
+        self.expires = expires
+
+    def update(self, endpoints: Sequence[str]) -> None:
+        current = set(self.requester.endpoints)
+        wanted = set(endpoints)
+        for ep in current - wanted:
+            self.requester.disconnect(ep)
+        for ep in endpoints:
+            if ep not in current:
+                self.requester.connect(ep)
+
+
+class AsyncDirectory:
+    """Direct data-plane calls from inside an asyncio loop (service SDK, AsyncClient)."""
+
+    def __init__(self, ctx: zmq.Context, control: AsyncRequester, *, sender: str, max_size: int | None = None) -> None:
+        self.ctx = ctx
+        self.control = control
+        self.sender = sender
+        self.max_size = max_size
+        self._routes: dict[str, _Route] = {}
+
+    async def _route(self, service: str, timeout: float, refresh: bool = False) -> _Route:
+        route = self._routes.get(service)
+        now = time.monotonic()
+        if route is not None and not refresh and now < route.expires:
+            return route
+        env = await self.control.request(messages.LookupRequest(service=service), timeout=timeout)
+        endpoints = _check_lookup(env.message)
+        if route is None:
+            route = _Route(
+                AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size),
+                now + LOOKUP_TTL_S,
+            )
+            self._routes[service] = route
+        else:
+            route.update(endpoints)
+            route.expires = now + LOOKUP_TTL_S
+        return route
+
+    async def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
+        """Call ``method`` on one ready replica of ``service`` and return its result."""
+        deadline_ns = time.time_ns() + int(timeout * 1e9)
+        route = await self._route(service, timeout)
+        try:
+            env = await route.requester.request(
+                messages.RpcRequest(method=method, args=args), timeout=timeout, deadline_ns=deadline_ns
+            )
+        except (CallTimeout, MicrokernelError) as exc:
+            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
+                route.expires = 0.0  # the replica set may have changed: look up again next time
+            raise
+        return rpc_result(env)
+
+    def close(self) -> None:
+        for route in self._routes.values():
+            route.requester.close()
+        self._routes.clear()
+
+
+class SyncDirectory:
+    """Direct data-plane calls from synchronous code (``Client``)."""
+
+    def __init__(self, ctx: zmq.Context, control: SyncRequester, *, sender: str, max_size: int | None = None) -> None:
+        self.ctx = ctx
+        self.control = control
+        self.sender = sender
+        self.max_size = max_size
+        self._routes: dict[str, _Route] = {}
+
+    def _route(self, service: str, timeout: float) -> _Route:
+        route = self._routes.get(service)
+        now = time.monotonic()
+        if route is not None and now < route.expires:
+            return route
+        env = self.control.request(messages.LookupRequest(service=service), timeout=timeout)
+        endpoints = _check_lookup(env.message)
+        if route is None:
+            route = _Route(
+                SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size),
+                now + LOOKUP_TTL_S,
+            )
+            self._routes[service] = route
+        else:
+            route.update(endpoints)
+            route.expires = now + LOOKUP_TTL_S
+        return route
+
+    def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
+        """Call ``method`` on one ready replica of ``service`` and return its result."""
+        route = self._route(service, timeout)
+        try:
+            env = route.requester.request(messages.RpcRequest(method=method, args=args), timeout=timeout)
+        except MicrokernelError as exc:
+            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
+                route.expires = 0.0
+            raise
+        return rpc_result(env)
+
+    def close(self) -> None:
+        for route in self._routes.values():
+            route.requester.close()
+        self._routes.clear()

@@ -1,0 +1,180 @@
+"""Subscribing to the kernel's event bus without losing early events.
+
+PUB/SUB subscriptions propagate asynchronously: a subscriber that connects and immediately
+expects events can miss them (the "slow joiner"). We never sleep to paper over that. Instead a
+subscriber also subscribes to a private probe topic ``_mk.welcome.<token>``; the kernel's XPUB
+sees that subscription arrive and publishes ``kernel.welcome`` on exactly that topic. ZeroMQ
+processes one peer's subscriptions in order, so when the welcome arrives every earlier
+subscription of the socket is live.
+
+Topic patterns are globs (``service.*``, ``train.progress``, ``*``); the socket subscribes to the
+literal prefix before the first wildcard and the exact match is checked locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from protocols import wire
+from protocols.errors import CallTimeout, ProtocolError
+from protocols.transport import AsyncSocket
+
+log = logging.getLogger("microkernel.subscription")
+
+WELCOME_PREFIX = "_mk.welcome."
+INTERNAL_PREFIX = "_mk."
+
+
+def topic_prefix(pattern: str) -> str:
+    """The literal prefix of a glob pattern: what the SUB socket subscribes to."""
+    for i, ch in enumerate(pattern):
+        if ch in "*?[":
+            return pattern[:i]
+    return pattern
+
+
+def topic_matches(patterns: Sequence[str], topic: str) -> bool:
+    """Whether ``topic`` matches any of the glob ``patterns`` (internal topics never do)."""
+    if topic.startswith(INTERNAL_PREFIX):
+        return False
+    return any(p == topic or fnmatch.fnmatchcase(topic, p) for p in patterns)
+
+
+def _new_token() -> str:
+    return os.urandom(8).hex()
+
+
+def _subscribe(sock: zmq.Socket, patterns: Sequence[str], token: str) -> None:
+    for prefix in sorted({topic_prefix(p) for p in patterns}):
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    sock.setsockopt(zmq.SUBSCRIBE, (WELCOME_PREFIX + token).encode())
+
+
+class AsyncSubscriber:
+    """Event subscriber inside an asyncio loop; ``on_event`` gets each matching Envelope."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        patterns: Sequence[str],
+        on_event: Callable[[wire.Envelope], None],
+        *,
+        max_size: int | None = None,
+    ) -> None:
+        self.patterns = list(patterns)
+        self.on_event = on_event
+        self.max_size = max_size
+        self._token = _new_token()
+        self._welcome_topic = WELCOME_PREFIX + self._token
+        self._live = asyncio.get_running_loop().create_future()
+        sock = ctx.socket(zmq.SUB)
+        sock.linger = 0
+        _subscribe(sock, self.patterns, self._token)
+        sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.socket = AsyncSocket(sock, self._on_message)
+
+    def _on_message(self, frames: list[Any]) -> None:
+        try:
+            env = wire.decode(frames, topic=True, max_size=self.max_size)
+        except ProtocolError as exc:
+            log.warning("dropping an undecodable event: %s", exc)
+            return
+        topic = env.topic or env.msg_type
+        if topic == self._welcome_topic:
+            if not self._live.done():
+                self._live.set_result(env.message)
+            return
+        if topic_matches(self.patterns, topic):
+            self.on_event(env)
+
+    async def wait_live(self, timeout: float = 10.0) -> None:
+        """Return once every subscription of this socket is live at the kernel."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._live)
+        except TimeoutError:
+            raise CallTimeout(f"no welcome from the event bus at {self.endpoint} within {timeout:g}s") from None
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class SyncSubscriber:
+    """Blocking event subscriber; iterate it or call ``next_event``."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        patterns: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        max_size: int | None = None,
+    ) -> None:
+        self.patterns = list(patterns) or ["*"]
+        self.max_size = max_size
+        self.endpoint = endpoint
+        token = _new_token()
+        self._welcome_topic = WELCOME_PREFIX + token
+        self.sock = ctx.socket(zmq.SUB)
+        self.sock.linger = 0
+        _subscribe(self.sock, self.patterns, token)
+        self.sock.connect(endpoint)
+        self._backlog: list[wire.Envelope] = []
+        self._wait_live(timeout)
+
+    def _wait_live(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                self.close()
+                raise CallTimeout(f"no welcome from the event bus at {self.endpoint} within {timeout:g}s (is the kernel running?)")
+            env = self._recv()
+            if env is None:
+                continue
+            if env.topic == self._welcome_topic:
+                return
+            if topic_matches(self.patterns, env.topic or env.msg_type):
+                self._backlog.append(env)
+
+    def _recv(self) -> wire.Envelope | None:
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            return wire.decode(frames, topic=True, max_size=self.max_size)
+        except ProtocolError as exc:
+            log.warning("dropping an undecodable event: %s", exc)
+            return None
+
+    def next_event(self, timeout: float | None = None) -> wire.Envelope | None:
+        """The next matching event, or None when ``timeout`` seconds pass without one."""
+        if self._backlog:
+            return self._backlog.pop(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                    return None
+            env = self._recv()
+            if env is not None and topic_matches(self.patterns, env.topic or env.msg_type):
+                return env
+
+    def __iter__(self) -> Iterator[wire.Envelope]:
+        while True:
+            env = self.next_event()
+            if env is not None:
+                yield env
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
