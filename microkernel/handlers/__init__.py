@@ -1,0 +1,23 @@
+"""Control request handlers, one module per request type, registered explicitly below."""
+
+from microkernel.handlers import (  # noqa: F401  (imported for registration)
+    events,
+    heartbeat,
+    list_services,
+    lookup,
+    ping,
+    progress,
+    ready,
+    restart_service,
+    scale_service,
+    shutdown,
+    start_service,
+    status,
+    stop_service,
+)
+from microkernel.handlers.registry import HANDLERS
+
+
+def all_handlers() -> dict:
+    """Every registered handler by message class."""
+    return dict(HANDLERS)

@@ -1,0 +1,124 @@
+"""The control ROUTER: every request to the kernel enters here.
+
+This is the single boundary where inbound frames are validated and where exceptions become
+error replies. Malformed, unknown, wrong-version or oversized input gets an error reply with a
+code when the sender can be addressed, or is dropped with a logged reason; it never propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import zmq
+
+from protocols import wire
+from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
+from protocols.transport import AsyncSocket
+
+log = logging.getLogger("microkernel.control")
+
+
+class ControlRouter:
+    """Decodes control requests, dispatches them to handlers and sends the replies."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        *,
+        handlers: Mapping[type, Callable[[Any, wire.Envelope], Any]],
+        kernel: Any,
+        max_size: int,
+        sender: str = "kernel",
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.kernel = kernel
+        self.max_size = max_size
+        self.sender = sender
+        self.requests = 0
+        self.errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A hard cap far above the protocol limit: frames beyond it are refused by ZeroMQ itself
+        # (the peer is disconnected) so a hostile client cannot make the kernel buffer gigabytes.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(max_size * 4, 1 << 20))
+        sock.bind(endpoint)
+        self.socket = AsyncSocket(sock, self._on_message, drop_when_full=True)
+
+    def _reply_error(self, routing: list[bytes], header: wire.Header | None, code: ErrorCode, reason: str) -> None:
+        self.errors += 1
+        self.socket.send(wire.encode_error(header, code, reason, sender=self.sender, routing=routing))
+
+    def _on_message(self, frames: list[Any]) -> None:
+        self.requests += 1
+        try:
+            env = wire.decode(frames, max_size=self.max_size)
+        except ProtocolError as exc:
+            routing = getattr(exc, "routing", None)
+            header = getattr(exc, "header", None)
+            if routing:
+                log.info("rejecting a control message from %r: %s", routing[0], exc)
+                self._reply_error(routing, header, exc.code, exc.reason)
+            else:
+                log.warning("dropping an unaddressable control message: %s", exc)
+            return
+        handler = self.handlers.get(type(env.message))
+        if handler is None:
+            self._reply_error(env.routing, env.header, ErrorCode.UNKNOWN_TYPE,
+                              f"{env.msg_type} is not a request the kernel handles")
+            return
+        deadline = env.header.deadline_ns
+        if deadline is not None and time.time_ns() > deadline:
+            self._reply_error(env.routing, env.header, ErrorCode.DEADLINE_EXCEEDED,
+                              f"{env.msg_type} arrived after its deadline")
+            return
+        try:
+            result = handler(self.kernel, env)
+        except MicrokernelError as exc:
+            self._reply_error(env.routing, env.header, exc.code, exc.reason)
+            return
+        except Exception as exc:
+            log.exception("handler for %s failed", env.msg_type)
+            self._reply_error(env.routing, env.header, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(self._finish(env, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif result is not None:
+            self.socket.send(wire.encode_reply(env.header, result, sender=self.sender, routing=env.routing))
+
+    async def _finish(self, env: wire.Envelope, pending: Awaitable[Any]) -> None:
+        try:
+            result = await pending
+        except MicrokernelError as exc:
+            self._reply_error(env.routing, env.header, exc.code, exc.reason)
+            return
+        except asyncio.CancelledError:
+            self._reply_error(env.routing, env.header, ErrorCode.SHUTTING_DOWN, "the kernel is shutting down")
+            raise
+        except Exception as exc:
+            log.exception("handler for %s failed", env.msg_type)
+            self._reply_error(env.routing, env.header, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        if result is not None:
+            self.socket.send(wire.encode_reply(env.header, result, sender=self.sender, routing=env.routing))
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (bounded) for in-flight request tasks, then cancel the rest."""
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    def close(self) -> None:
+        self.socket.close()

@@ -1,0 +1,119 @@
+"""The kernel: one asyncio loop, one TaskGroup, the control router, the event bus, the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from protocols import messages as m
+from protocols.endpoints import KernelEndpoints
+from microkernel import __version__
+from microkernel.bus.control import ControlRouter
+from microkernel.bus.events import EventBus
+from microkernel.config import KernelConfig
+from microkernel.handlers import all_handlers
+from microkernel.rundir import RuntimeDir
+from microkernel.sentinel import Sentinel
+from microkernel.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("microkernel.kernel")
+
+# How long the control socket keeps trying to deliver the last replies (e.g. to shutdown_request).
+CONTROL_LINGER_MS = 500
+
+
+class Kernel:
+    """The daemon. ``await Kernel(config).run()`` returns when the kernel has shut down."""
+
+    version = __version__
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.config = config
+        self.settings = config.kernel
+        self.rundir = RuntimeDir(self.settings.runtime_dir)
+        self.endpoints = KernelEndpoints.in_runtime_dir(self.rundir.path)
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self._stop_reason: str | None = None
+        self._stop = asyncio.Event()
+        self.bus: EventBus
+        self.supervisor: Supervisor
+        self.control: ControlRouter
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def summary(self) -> dict[str, Any]:
+        """The ``kernel`` map of a status reply."""
+        return {
+            "version": self.version,
+            "pid": self.pid,
+            "uptime_s": self.uptime_s,
+            "runtime_dir": str(self.rundir.path),
+            "control": self.endpoints.control,
+            "events": self.endpoints.events_out,
+            "services": len(self.supervisor.services),
+            "replicas": self.supervisor.counts(),
+            "shutting_down": self.supervisor.shutting_down,
+            "thread_pool_size": self.settings.thread_pool_size,
+        }
+
+    def request_shutdown(self, reason: str) -> None:
+        """Begin an orderly shutdown (idempotent)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+            log.info("shutting down: %s", reason)
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=self.settings.thread_pool_size, thread_name_prefix="mk-io")
+        )
+        self.rundir.acquire()
+        ctx = zmq.Context()
+        sentinel = Sentinel()
+        try:
+            await sentinel.start()
+            self.bus = EventBus(ctx, events_in=self.endpoints.events_in, events_out=self.endpoints.events_out,
+                                history=self.settings.event_history)
+            self.supervisor = Supervisor(self.config, bus=self.bus, sentinel=sentinel, endpoints=self.endpoints,
+                                         runtime_dir=self.rundir.path)
+            self.control = ControlRouter(ctx, self.endpoints.control, handlers=all_handlers(), kernel=self,
+                                         max_size=self.settings.max_message_size)
+            for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+                loop.add_signal_handler(signum, self.request_shutdown, name)
+            self.bus.emit(m.KernelStarted, pid=self.pid, version=self.version, control=self.endpoints.control,
+                          events=self.endpoints.events_out)
+            log.info("microkernel ready: control %s, events %s, %d services",
+                     self.endpoints.control, self.endpoints.events_out, len(self.supervisor.services))
+            async with asyncio.TaskGroup() as tg:
+                heartbeats = tg.create_task(self.supervisor.watch_heartbeats(), name="heartbeats")
+                await self.supervisor.start_all()
+                await self._stop.wait()
+                self.bus.emit(m.KernelStopping, reason=self._stop_reason or "")
+                await self.supervisor.shutdown(time.monotonic() + self.settings.shutdown_timeout)
+                heartbeats.cancel()
+            await self.control.drain(timeout=1.0)
+            log.info("microkernel stopped")
+            return 0
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            if hasattr(self, "supervisor"):
+                await self.supervisor.kill_everything()
+            if hasattr(self, "control"):
+                self.control.socket.close(linger=CONTROL_LINGER_MS)
+            if hasattr(self, "bus"):
+                self.bus.close()
+            await sentinel.close()
+            ctx.term()
+            self.rundir.release()
