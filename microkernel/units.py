@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 
 __all__ = [
@@ -93,7 +94,7 @@ class UnitError(ValueError):
         super().__init__(f"{key}: {reason}")
 
 
-def _unit_hint(unit: str, known: dict[str, object]) -> str:
+def _unit_hint(unit: str, known: Iterable[str]) -> str:
     """Suggest the correctly-cased unit when only the case is wrong."""
     matches = sorted(u for u in known if u and u.lower() == unit.lower())
     if matches:
@@ -220,21 +221,22 @@ def format_size(n: int) -> str:
     """
     if n < 0:
         return "-" + format_size(-n)
-    for index, (unit, multiplier) in enumerate(_BINARY_UNITS):
-        if n >= multiplier:
-            shown = round(n / multiplier, 2)
-            # 1023.999 KiB rounds to 1024 KiB: say 1 MiB instead.
-            if shown >= _KIB and index > 0:
-                unit, multiplier = _BINARY_UNITS[index - 1]
-                shown = round(n / multiplier, 2)
-            return f"{shown:.2f}".rstrip("0").rstrip(".") + f" {unit}"
-    return f"{n} B"
+    index = next((i for i, (_, multiplier) in enumerate(_BINARY_UNITS) if n >= multiplier), None)
+    if index is None:
+        return f"{n} B"
+    shown = round(n / _BINARY_UNITS[index][1], 2)
+    if shown >= _KIB and index > 0:
+        # 1023.999 KiB rounds to 1024 KiB: say 1 MiB instead.
+        index -= 1
+        shown = round(n / _BINARY_UNITS[index][1], 2)
+    return f"{shown:.2f}".rstrip("0").rstrip(".") + f" {_BINARY_UNITS[index][0]}"
 
 
 def format_duration(seconds: float) -> str:
-    """Format a duration for people: ``"500 us"``, ``"850 ms"``, ``"1.5 s"``, ``"2m 03s"``, ``"1h 02m 03s"``, ``"3d 04h 05m"``.
+    """Format a duration for people.
 
-    The output parses back with :func:`parse_duration` (to the precision shown).
+    Examples: ``"500 us"``, ``"850 ms"``, ``"1.5 s"``, ``"2m 03s"``, ``"1h 02m 03s"``,
+    ``"3d 04h 05m"``. The output parses back with :func:`parse_duration` (to the precision shown).
     """
     if math.isnan(seconds):
         return "nan"
@@ -262,6 +264,6 @@ def format_duration(seconds: float) -> str:
         hours, rest = divmod(total, 3600)
         minutes, secs = divmod(rest, 60)
         return f"{hours}h {minutes:02d}m {secs:02d}s"
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    return f"{days}d {hours:02d}h {rest // 60:02d}m"
+    days, rest = divmod(round(seconds / 60), 24 * 60)
+    hours, minutes = divmod(rest, 60)
+    return f"{days}d {hours:02d}h {minutes:02d}m"

@@ -56,9 +56,10 @@ class RestartWindow:
         self._times.clear()
 
     def _prune(self, now: float) -> None:
-        # Times arrive in order from a monotonic clock, so expired ones are at the left.
-        threshold = now - self._period
-        while self._times and self._times[0] < threshold:
+        # Times arrive in order from a monotonic clock, so expired ones are at the left. The test
+        # is written as `now - t > period` (not `t < now - period`) so that it agrees exactly,
+        # float rounding included, with the documented rule.
+        while self._times and now - self._times[0] > self._period:
             self._times.popleft()
 
     def __repr__(self) -> str:

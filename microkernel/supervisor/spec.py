@@ -145,9 +145,7 @@ class ServiceSpec:
 
         ``replicas`` is ignored: a change in count is applied by scaling, not by restarting.
         """
-        return any(
-            getattr(self, f.name) != getattr(other, f.name) for f in fields(ServiceSpec) if f.name != "replicas"
-        )
+        return any(getattr(self, f.name) != getattr(other, f.name) for f in fields(ServiceSpec) if f.name != "replicas")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

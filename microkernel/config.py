@@ -1,0 +1,562 @@
+"""The daemon's TOML configuration: schema, validation with line context, and the resulting specs.
+
+Everything a user can get wrong is reported as a :class:`ConfigError` that names the dotted key
+and, when it can be found, the line — ``kernel.toml:12: services.echo.replicas: expected an
+integer >= 0, got 'three'`` — because the person reading it is usually an operator looking at a
+failed ``systemctl start``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import os
+import re
+import tomllib
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+from microkernel.supervisor.policy import DependencyCycle
+from microkernel.supervisor.policy import start_order as _start_order
+from microkernel.supervisor.spec import BackoffSpec, GroupSpec, ReadyMode, RestartType, ServiceSpec, Strategy
+from microkernel.units import UnitError, parse_duration, parse_size
+from protocols.endpoints import default_runtime_dir
+
+__all__ = [
+    "LOG_LEVELS",
+    "SERVICE_NAME_RE",
+    "ConfigError",
+    "KernelConfig",
+    "KernelSettings",
+    "load_config",
+    "parse_config",
+]
+
+LOG_LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
+
+SERVICE_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+"""Service and group names (use ``fullmatch``): they end up in file names and event topics."""
+_NAME_RULE = "use 1-63 lowercase letters, digits, '_' or '-', starting with a letter or digit"
+
+_ENTRY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+_ENTRY_POINT_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+_TOP_KEYS = ("kernel", "services", "groups")
+_KERNEL_KEYS = (
+    "runtime_dir", "heartbeat_interval", "heartbeat_liveness", "max_message_size",
+    "event_history", "shutdown_timeout", "log_level", "thread_pool_size",
+)  # fmt: skip
+_SERVICE_KEYS = (
+    "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
+    "env", "cwd", "autostart", "intensity", "period", "backoff", "ready", "heartbeat",
+    "python", "config",
+)  # fmt: skip
+_BACKOFF_KEYS = ("initial", "factor", "max", "reset_after")
+_GROUP_KEYS = ("strategy", "services", "intensity", "period")
+
+_Path = tuple[str, ...]
+
+# The dataclass defaults, read rather than repeated (the entry is required but irrelevant here).
+_SERVICE_DEFAULTS: Final = ServiceSpec(name="defaults", entry="defaults")
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class ConfigError(Exception):
+    """An invalid configuration: ``key`` is the dotted path, ``line`` the 1-based line if known."""
+
+    def __init__(self, message: str, *, key: str | None = None, line: int | None = None, source: str = "<string>"):
+        super().__init__(message)
+        self.message = message
+        self.key = key
+        self.line = line
+        self.source = source
+
+    def __str__(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        return ": ".join(part for part in (where, self.key, self.message) if part)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelSettings:
+    """The ``[kernel]`` table: daemon-wide settings (durations in seconds, sizes in bytes)."""
+
+    runtime_dir: str = field(default_factory=lambda: str(default_runtime_dir()))
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    max_message_size: int = 64 * 1024 * 1024
+    event_history: int = 1024
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    thread_pool_size: int = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KernelConfig:
+    """A validated configuration: kernel settings plus service and group specs in config order."""
+
+    kernel: KernelSettings = field(default_factory=KernelSettings)
+    services: dict[str, ServiceSpec] = field(default_factory=dict)
+    groups: dict[str, GroupSpec] = field(default_factory=dict)
+    source: str = "<string>"
+
+    def start_order(self) -> list[str]:
+        """Service names with every service after its dependencies (ties keep config order)."""
+        return _start_order(self.services)
+
+    def stop_order(self) -> list[str]:
+        """The reverse of :meth:`start_order`: dependents stop before what they depend on."""
+        return self.start_order()[::-1]
+
+    def group_of(self, service: str) -> GroupSpec | None:
+        """The group ``service`` belongs to, if any."""
+        group = self.services[service].group
+        return None if group is None else self.groups[group]
+
+
+def load_config(path: str | os.PathLike[str]) -> KernelConfig:
+    """Read and validate the TOML file at ``path``; unreadable files are a :class:`ConfigError` too."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", source=source) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError("not valid UTF-8", line=line, source=source) from exc
+    return parse_config(text, source=source)
+
+
+def parse_config(text: str, *, source: str = "<string>") -> KernelConfig:
+    """Parse and validate TOML ``text``; ``source`` names it in error messages."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(exc, source, text) from exc
+    reader = _Reader(text, source)
+    top = _Table(reader, (), document)
+    top.check_keys(_TOP_KEYS)
+    kernel = _parse_kernel(top.table("kernel"))
+    services_table = top.table("services") or _Table(reader, ("services",), {})
+    services = {name: _parse_service(services_table, name) for name in services_table.data}
+    groups_table = top.table("groups") or _Table(reader, ("groups",), {})
+    groups = {name: _parse_group(groups_table, name, services) for name in groups_table.data}
+    _check_dependencies(reader, services)
+    services = _assign_groups(reader, services, groups)
+    return KernelConfig(kernel=kernel, services=services, groups=groups, source=source)
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _parse_kernel(table: _Table | None) -> KernelSettings:
+    if table is None:
+        return KernelSettings()
+    table.check_keys(_KERNEL_KEYS)
+    defaults = KernelSettings()
+    log_level = table.string("log_level", defaults.log_level).lower()
+    if log_level not in LOG_LEVELS:
+        suggestion = _suggest(log_level, LOG_LEVELS)
+        raise table.error("log_level", f"expected one of {_choices(LOG_LEVELS)}, got {_show(log_level)}{suggestion}")
+    return KernelSettings(
+        runtime_dir=table.string("runtime_dir", defaults.runtime_dir, nonempty=True),
+        heartbeat_interval=table.duration("heartbeat_interval", defaults.heartbeat_interval, positive=True),
+        heartbeat_liveness=table.integer("heartbeat_liveness", defaults.heartbeat_liveness, minimum=1),
+        max_message_size=table.size("max_message_size", defaults.max_message_size, minimum=1),
+        event_history=table.integer("event_history", defaults.event_history, minimum=0),
+        shutdown_timeout=table.duration("shutdown_timeout", defaults.shutdown_timeout),
+        log_level=log_level,
+        thread_pool_size=table.integer("thread_pool_size", defaults.thread_pool_size, minimum=1),
+    )
+
+
+def _parse_service(services: _Table, name: str) -> ServiceSpec:
+    if not SERVICE_NAME_RE.fullmatch(name):
+        raise services.error(name, f"invalid service name {name!r}: {_NAME_RULE}")
+    table = services.required_table(name)
+    table.check_keys(_SERVICE_KEYS)
+    defaults = _SERVICE_DEFAULTS
+
+    entry = table.optional_string("entry")
+    command = table.string_list("command")
+    if entry is not None and command is not None:
+        raise table.error("command", "entry and command are both set; give exactly one")
+    if entry is None and command is None:
+        raise table.error(None, "missing entry or command; give exactly one")
+    if entry is not None and not (_ENTRY_RE.fullmatch(entry) or _ENTRY_POINT_RE.fullmatch(entry)):
+        raise table.error("entry", f"expected 'module:Class' or an entry-point name, got {_show(entry)}")
+    if command is not None:
+        if not command:
+            raise table.error("command", 'expected a non-empty array of strings, e.g. ["python", "-m", "http.server"]')
+        if not command[0] or any("\0" in arg for arg in command):
+            raise table.error("command", "the program must be non-empty and no argument may contain a NUL character")
+    python = table.optional_string("python", nonempty=True)
+    if python is not None and entry is None:
+        raise table.error("python", "python only applies to entry services; put the interpreter in command instead")
+
+    backoff_table = table.table("backoff")
+    config_table = table.table("config")
+    if config_table is not None:
+        _check_plain_values(config_table, config_table.data, config_table.path)
+    try:
+        return ServiceSpec(
+            name=name,
+            entry=entry,
+            command=command,
+            replicas=table.integer("replicas", defaults.replicas, minimum=0),
+            restart=table.choice("restart", RestartType, defaults.restart),
+            depends_on=table.string_list("depends_on", unique=True) or (),
+            start_timeout=table.duration("start_timeout", defaults.start_timeout, positive=True),
+            stop_timeout=table.duration("stop_timeout", defaults.stop_timeout),
+            env=table.string_map("env"),
+            cwd=table.optional_string("cwd", nonempty=True),
+            autostart=table.boolean("autostart", defaults.autostart),
+            intensity=table.integer("intensity", defaults.intensity, minimum=0),
+            period=table.duration("period", defaults.period, positive=True),
+            backoff=BackoffSpec() if backoff_table is None else _parse_backoff(backoff_table),
+            ready=table.choice("ready", ReadyMode, ReadyMode.MESSAGE if entry else ReadyMode.SPAWN),
+            heartbeat=table.boolean("heartbeat", entry is not None),
+            config={} if config_table is None else dict(config_table.data),
+            python=python,
+        )
+    except ValueError as exc:  # pragma: no cover - the checks above are meant to catch everything first
+        raise table.error(None, str(exc)) from None
+
+
+def _check_plain_values(table: _Table, value: object, path: _Path) -> None:
+    """Reject TOML dates and times in free-form settings: they cannot travel to the service as msgpack."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain_values(table, item, (*path, key))
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain_values(table, item, path)
+    elif isinstance(value, (datetime.date, datetime.time)):
+        message = f"dates and times are not supported here; use a string, got {value.isoformat()!r}"
+        raise table.reader.error(path, message)
+
+
+def _parse_backoff(table: _Table) -> BackoffSpec:
+    table.check_keys(_BACKOFF_KEYS)
+    defaults = BackoffSpec()
+    initial = table.duration("initial", defaults.initial)
+    maximum = table.duration("max", defaults.max)
+    if maximum < initial:
+        raise table.error("max", f"must be >= backoff.initial ({initial:g}s), got {maximum:g}s")
+    return BackoffSpec(
+        initial=initial,
+        factor=table.number("factor", defaults.factor, minimum=1.0),
+        max=maximum,
+        reset_after=table.duration("reset_after", defaults.reset_after),
+    )
+
+
+def _parse_group(groups: _Table, name: str, services: Mapping[str, ServiceSpec]) -> GroupSpec:
+    if not SERVICE_NAME_RE.fullmatch(name):
+        raise groups.error(name, f"invalid group name {name!r}: {_NAME_RULE}")
+    table = groups.required_table(name)
+    table.check_keys(_GROUP_KEYS)
+    members = table.string_list("services", unique=True)
+    if not members:
+        raise table.error("services", "expected a non-empty array of service names")
+    for member in members:
+        if member not in services:
+            raise table.error("services", f"unknown service {member!r}{_suggest(member, services)}")
+    strategy = table.choice("strategy", Strategy, Strategy.ONE_FOR_ONE)
+    if strategy is Strategy.REST_FOR_ONE:
+        # rest_for_one restarts "those after me", which is only right if later members are the
+        # ones that depend on earlier ones (as in OTP, where group order is start order).
+        for index, member in enumerate(members):
+            later = [dep for dep in services[member].depends_on if dep in members[index + 1 :]]
+            if later:
+                message = f"{member!r} is listed before its dependency {later[0]!r}"
+                raise table.error("services", f"{message}; in a rest_for_one group dependencies must come first")
+    defaults = GroupSpec(name=name)
+    return GroupSpec(
+        name=name,
+        strategy=strategy,
+        services=members,
+        intensity=table.integer("intensity", defaults.intensity, minimum=0),
+        period=table.duration("period", defaults.period, positive=True),
+    )
+
+
+def _check_dependencies(reader: _Reader, services: Mapping[str, ServiceSpec]) -> None:
+    for name, spec in services.items():
+        for dep in spec.depends_on:
+            if dep == name:
+                raise reader.error(("services", name, "depends_on"), "a service cannot depend on itself")
+            if dep not in services:
+                message = f"unknown service {dep!r}{_suggest(dep, services)}"
+                raise reader.error(("services", name, "depends_on"), message)
+    try:
+        _start_order(services)
+    except DependencyCycle as exc:
+        raise reader.error(("services", exc.cycle[0], "depends_on"), str(exc)) from None
+
+
+def _assign_groups(
+    reader: _Reader, services: dict[str, ServiceSpec], groups: Mapping[str, GroupSpec]
+) -> dict[str, ServiceSpec]:
+    owner: dict[str, str] = {}
+    for group in groups.values():
+        for member in group.services:
+            if member in owner:
+                where = "twice in this group" if owner[member] == group.name else f"already in group {owner[member]!r}"
+                raise reader.error(("groups", group.name, "services"), f"service {member!r} is {where}")
+            owner[member] = group.name
+    return {name: replace(spec, group=owner[name]) if name in owner else spec for name, spec in services.items()}
+
+
+# --- validation plumbing -----------------------------------------------------------------------
+
+
+class _Reader:
+    """Turns a dotted path and a message into a :class:`ConfigError` with the line filled in."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self._locator = _LineLocator(text)
+
+    def error(self, path: _Path, message: str) -> ConfigError:
+        return ConfigError(message, key=_dotted(path) or None, line=self._locator.find(path), source=self.source)
+
+
+class _Table:
+    """One TOML table under validation, with typed getters that raise a :class:`ConfigError`."""
+
+    def __init__(self, reader: _Reader, path: _Path, data: Mapping[str, Any]) -> None:
+        self.reader = reader
+        self.path = path
+        self.data = data
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return self.reader.error(self.path if key is None else (*self.path, key), message)
+
+    def check_keys(self, known: Collection[str]) -> None:
+        for key in self.data:
+            if key not in known:
+                raise self.error(key, f"unknown key {_dotted((*self.path, key))}{_suggest(key, known)}")
+
+    def table(self, key: str) -> _Table | None:
+        """The sub-table at ``key``, or ``None`` when absent."""
+        if key not in self.data:
+            return None
+        return self.required_table(key)
+
+    def required_table(self, key: str) -> _Table:
+        """The sub-table at ``key``, which must exist."""
+        value = self.data.get(key)
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_show(value)}")
+        return _Table(self.reader, (*self.path, key), value)
+
+    def integer(self, key: str, default: int, *, minimum: int) -> int:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"expected an integer >= {minimum}, got {_show(value)}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+            raise self.error(key, f"expected a number >= {minimum:g}, got {_show(value)}")
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def string(self, key: str, default: str, *, nonempty: bool = False) -> str:
+        value = self.optional_string(key, nonempty=nonempty)
+        return default if value is None else value
+
+    def optional_string(self, key: str, *, nonempty: bool = False) -> str | None:
+        value = self.data.get(key)
+        if value is not None and (not isinstance(value, str) or (nonempty and not value)):
+            raise self.error(key, f"expected a {'non-empty ' if nonempty else ''}string, got {_show(value)}")
+        return value
+
+    def string_list(self, key: str, *, unique: bool = False) -> tuple[str, ...] | None:
+        """The array of strings at ``key``, or ``None`` when absent."""
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.error(key, f"expected an array of strings, got {_show(value)}")
+        if unique and len(set(value)) != len(value):
+            duplicate = next(item for item in value if value.count(item) > 1)
+            raise self.error(key, f"{duplicate!r} is listed twice")
+        return tuple(value)
+
+    def string_map(self, key: str) -> dict[str, str]:
+        table = self.table(key)
+        if table is None:
+            return {}
+        for name, value in table.data.items():
+            if not name or "=" in name or "\0" in name:
+                raise table.error(name, "environment variable names must be non-empty without '=' or NUL")
+            if not isinstance(value, str) or "\0" in value:
+                raise table.error(name, f"expected a string (environment values are strings), got {_show(value)}")
+        return dict(table.data)
+
+    def choice(self, key: str, enum: type[_E], default: _E) -> _E:
+        value = self.data.get(key, default)
+        allowed = [member.value for member in enum]
+        if not isinstance(value, str) or value not in allowed:
+            raise self.error(key, f"expected one of {_choices(allowed)}, got {_show(value)}{_suggest(value, allowed)}")
+        return enum(value)
+
+    def duration(self, key: str, default: float, *, positive: bool = False) -> float:
+        try:
+            seconds = parse_duration(self.data.get(key, default), key=key)
+        except UnitError as exc:
+            raise self.error(key, exc.reason) from None
+        if positive and seconds <= 0:
+            raise self.error(key, f"expected a duration > 0, got {_show(self.data.get(key, default))}")
+        return seconds
+
+    def size(self, key: str, default: int, *, minimum: int) -> int:
+        try:
+            size = parse_size(self.data.get(key, default), key=key)
+        except UnitError as exc:
+            raise self.error(key, exc.reason) from None
+        if size < minimum:
+            raise self.error(key, f"expected a size >= {minimum} bytes, got {_show(self.data.get(key, default))}")
+        return size
+
+
+def _dotted(path: _Path) -> str:
+    return ".".join(part if _BARE_KEY_RE.fullmatch(part) else json.dumps(part) for part in path)
+
+
+def _show(value: object) -> str:
+    """A short, TOML-flavoured rendering of a bad value for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _choices(options: Iterable[str]) -> str:
+    return ", ".join(repr(option) for option in options)
+
+
+def _suggest(word: object, candidates: Iterable[str]) -> str:
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_SYNTAX_RE = re.compile(r"(?P<message>.*?) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|end of document)\)")
+
+
+def _syntax_error(exc: tomllib.TOMLDecodeError, source: str, text: str) -> ConfigError:
+    # Python 3.11's TOMLDecodeError only carries the position inside its message.
+    description = str(exc)
+    match = _SYNTAX_RE.fullmatch(description)
+    if match is None:
+        return ConfigError(f"invalid TOML: {description}", source=source)
+    if match["line"]:
+        line, column = int(match["line"]), f" (column {match['column']})"
+    else:
+        line, column = text.count("\n") + 1, " (at end of document)"
+    return ConfigError(f"invalid TOML: {match['message']}{column}", line=line, source=source)
+
+
+# --- line locator ------------------------------------------------------------------------------
+
+# One key segment: bare, "basic" (with escapes) or 'literal', with the spaces TOML allows around it.
+_KEY_PART_RE = re.compile(
+    r"""[ \t]*(?:(?P<bare>[A-Za-z0-9_-]+)|"(?P<basic>(?:[^"\\]|\\.)*)"|'(?P<literal>[^']*)')[ \t]*"""
+)
+
+
+class _LineLocator:
+    """Maps dotted key paths to the line that defines them, by a light scan of the TOML text.
+
+    Good enough for error messages, not a parser: it follows ``[table]`` / ``[[array]]`` headers,
+    ``key = value`` lines (dotted and quoted keys included) and skips multi-line strings. A path
+    it has not seen resolves to its longest known prefix, so a key inside an inline table points
+    at the line of the inline table and a missing key at its table's header.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._explicit: dict[_Path, int] = {}
+        self._implicit: dict[_Path, int] = {}
+        table: _Path = ()
+        open_string: str | None = None
+        # tomllib counts lines by "\n" only; str.splitlines() would also split on \x0b, \u2028, ...
+        for number, line in enumerate(text.split("\n"), start=1):
+            if open_string is not None:
+                if line.count(open_string) % 2 == 1:
+                    open_string = None
+                continue
+            stripped = line.strip()
+            if stripped.startswith("["):
+                start = 2 if stripped.startswith("[[") else 1
+                parsed = _dotted_key(stripped, start)
+                closing = "]]" if start == 2 else "]"
+                # Require nothing but a comment after the bracket, so a nested array line such as
+                # `["a"],` inside a multi-line array is not mistaken for a table header.
+                rest = stripped[parsed[1] :] if parsed is not None else ""
+                if parsed is not None and rest.startswith(closing) and rest[len(closing) :].lstrip()[:1] in ("", "#"):
+                    table = parsed[0]
+                    self._record(table, number)
+                continue
+            parsed = _dotted_key(stripped, 0)
+            if parsed is None or not stripped[parsed[1] :].startswith("="):
+                continue
+            self._record((*table, *parsed[0]), number)
+            value = stripped[parsed[1] + 1 :]
+            for delimiter in ('"""', "'''"):
+                if value.count(delimiter) % 2 == 1:
+                    open_string = delimiter
+                    break
+
+    def _record(self, path: _Path, line: int) -> None:
+        self._explicit.setdefault(path, line)
+        for length in range(1, len(path)):
+            self._implicit.setdefault(path[:length], line)
+
+    def find(self, path: _Path) -> int | None:
+        """The line defining ``path`` or its longest known prefix; ``None`` if nothing matches."""
+        for length in range(len(path), 0, -1):
+            prefix = path[:length]
+            line = self._explicit.get(prefix, self._implicit.get(prefix))
+            if line is not None:
+                return line
+        return None
+
+
+def _dotted_key(text: str, position: int) -> tuple[_Path, int] | None:
+    """Parse a (possibly dotted, possibly quoted) TOML key at ``position``: (parts, end) or None."""
+    parts: list[str] = []
+    while True:
+        match = _KEY_PART_RE.match(text, position)
+        if match is None:
+            return None
+        if match["bare"] is not None:
+            parts.append(match["bare"])
+        elif match["basic"] is not None:
+            try:
+                parts.append(json.loads(f'"{match["basic"]}"'))  # JSON escapes cover TOML's common ones
+            except ValueError:
+                parts.append(match["basic"])
+        else:
+            parts.append(match["literal"])
+        position = match.end()
+        if not text.startswith(".", position):
+            return tuple(parts), position
+        position += 1
