@@ -34,7 +34,6 @@ def message(msg_type: str) -> Callable[[type[T]], type[T]]:
         _BY_TYPE[msg_type] = cls
         _BY_CLASS[cls] = msg_type
         cls.MSG_TYPE = msg_type  # type: ignore[attr-defined]
-        _SCHEMAS[cls] = _compile(cls)
         return cls
 
     return register
@@ -62,6 +61,15 @@ def registered_types() -> dict[str, type]:
 
 _MISSING = object()
 _SCHEMAS: dict[type, tuple[tuple[str, Checker, Any], ...]] = {}
+
+
+def _schema(cls: type) -> tuple[tuple[str, Checker, Any], ...]:
+    # Compiled on first use: resolving annotations for every class at import time would add
+    # tens of milliseconds to every service's start.
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        schema = _SCHEMAS[cls] = _compile(cls)
+    return schema
 
 
 def _fail(path: str, expected: str, value: Any) -> ProtocolError:
@@ -176,7 +184,7 @@ def build(cls: type[T], body: Any) -> T:
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.MALFORMED, f"body of {_BY_CLASS.get(cls, cls.__name__)} must be a map")
     kwargs = {}
-    for name, check, default in _SCHEMAS[cls]:
+    for name, check, default in _schema(cls):
         value = body.get(name, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
@@ -188,4 +196,4 @@ def build(cls: type[T], body: Any) -> T:
 
 def fields_of(cls: type) -> tuple[str, ...]:
     """Field names of a registered message class, in declaration order."""
-    return tuple(name for name, _, _ in _SCHEMAS[cls])
+    return tuple(name for name, _, _ in _schema(cls))

@@ -51,7 +51,7 @@ TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
     _S.RUNNING: frozenset({_S.READY, _S.STOPPING, _S.EXITED}),
     _S.READY: frozenset({_S.STOPPING, _S.EXITED}),
     _S.STOPPING: frozenset({_S.STOPPED, _S.EXITED}),
-    _S.EXITED: frozenset({_S.BACKOFF, _S.STARTING, _S.STOPPED, _S.FAILED}),
+    _S.EXITED: frozenset({_S.BACKOFF, _S.WAITING, _S.STARTING, _S.STOPPED, _S.FAILED}),
     _S.BACKOFF: frozenset({_S.STARTING, _S.STOPPED, _S.WAITING}),
     _S.FAILED: frozenset({_S.STARTING, _S.STOPPED, _S.WAITING}),
 }
