@@ -54,6 +54,8 @@ def type_of(message_obj: object) -> str:
 
 def registered_types() -> dict[str, type]:
     """A copy of the whole registry (used by the docs test and the spec generator)."""
+    import protocols.messages  # noqa: F401  (the module that registers every type)
+
     return dict(_BY_TYPE)
 
 
