@@ -104,8 +104,13 @@ class Supervisor:
     def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("supervisor task %s failed", task.get_name(), exc_info=task.exception())
 
     def _set(self, rec: ServiceRecord, rep: ReplicaRecord, state: ReplicaState, detail: str = "") -> None:
         rep.set_state(state, detail)
@@ -348,9 +353,6 @@ class Supervisor:
             async with rec.lock:
                 await self._stop_service_locked(rec)
                 rec.failed = True
-                for r in rec.replicas:
-                    if r.state in (S.STOPPED, S.EXITED):
-                        self._set(rec, r, S.FAILED, why)
                 rec.refresh()
             self.bus.emit(m.ServiceFailed, service=name, reason=why)
 
