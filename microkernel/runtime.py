@@ -73,6 +73,15 @@ class Kernel:
             log.info("shutting down: %s", reason)
         self._stop.set()
 
+    async def _watch_sentinel(self, sentinel: Sentinel) -> None:
+        """Keep the orphan guard alive: without it a kill -9 of the daemon could leave orphans."""
+        while True:
+            code = await sentinel.wait_exited()
+            if self._stop.is_set():
+                return
+            log.error("the orphan-guard sentinel exited (%s); restarting it", code)
+            await sentinel.start()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(
@@ -96,12 +105,16 @@ class Kernel:
             log.info("microkernel ready: control %s, events %s, %d services",
                      self.endpoints.control, self.endpoints.events_out, len(self.supervisor.services))
             async with asyncio.TaskGroup() as tg:
-                heartbeats = tg.create_task(self.supervisor.watch_heartbeats(), name="heartbeats")
+                watchers = [
+                    tg.create_task(self.supervisor.watch_heartbeats(), name="heartbeats"),
+                    tg.create_task(self._watch_sentinel(sentinel), name="sentinel"),
+                ]
                 await self.supervisor.start_all()
                 await self._stop.wait()
                 self.bus.emit(m.KernelStopping, reason=self._stop_reason or "")
                 await self.supervisor.shutdown(time.monotonic() + self.settings.shutdown_timeout)
-                heartbeats.cancel()
+                for task in watchers:
+                    task.cancel()
             await self.control.drain(timeout=1.0)
             log.info("microkernel stopped")
             return 0

@@ -288,7 +288,8 @@ class Supervisor:
         finally:
             if not exit_wait.done():  # cancelled (kernel teardown): make sure it dies
                 exit_wait.cancel()
-                await kill_tree(proc, grace=0)
+            # Also when it exited on its own: whatever it left behind in its group dies with it.
+            await kill_tree(proc, grace=0)
             self.live.pop(key, None)
             self.liveness.forget(key)
             self.sentinel.untrack(proc.pid)
