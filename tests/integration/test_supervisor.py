@@ -406,3 +406,18 @@ def test_scale_up_and_down(short_tmp: str) -> None:
         status = c.status("w")["services"][0]
         assert len(status["replicas"]) == 1 and status["replicas"][0]["pid"] == pids[0]
         assert _gone(pids[1:]) == []
+
+
+def test_a_crashed_replica_leaves_no_grandchildren(short_tmp: str) -> None:
+    config = f"""
+[services.e]
+{ECHO}
+restart = "temporary"
+"""
+    with start_kernel(config, short_tmp) as k, Client(runtime_dir=k.runtime_dir) as c:
+        c.wait_ready("e", timeout=CEILING)
+        orphan = c.call("e", "grandchild")
+        with c.events("service.exited") as stream:
+            c.call("e", "exit", code=5)
+            assert _data(wait_event(stream, is_event("service.exited", "e")))["reason"]["text"] == "exit(5)"
+        assert _gone([orphan]) == []
