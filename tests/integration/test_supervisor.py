@@ -24,8 +24,8 @@ ECHO = 'entry = "tests.fixtures.echo:Echo"'
 CRASHY = 'entry = "tests.fixtures.crashy:Crashy"'
 FAST = """
 [kernel]
-heartbeat_interval = "200ms"
-heartbeat_liveness = 3
+heartbeat_interval = "250ms"
+heartbeat_liveness = 6
 """
 
 

@@ -1,0 +1,219 @@
+"""The asyncio flavour of the client (``microkernel.client.AsyncClient``, documented there).
+
+Sockets are plain ZeroMQ sockets driven by the loop's readiness callbacks
+(``protocols.transport.AsyncSocket``), created on first use inside the running loop.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from protocols import messages, wire
+from protocols.directory import AsyncDirectory
+from protocols.errors import CallTimeout
+from protocols.subscription import AsyncSubscriber
+from protocols.transport import AsyncRequester
+
+from microkernel.client_base import (
+    DEFAULT_TIMEOUT,
+    READINESS_PATTERNS,
+    check_reachable,
+    describe_progress,
+    event_service,
+    failed_error,
+    lifecycle_timeout,
+    no_reply,
+    readiness,
+    reply_body,
+    resolve_endpoint,
+    service_entry,
+)
+from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, HistoryReplay
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient:
+    """asyncio client of one kernel; sockets are created on first use inside the running loop."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        name: str = "client",
+        *,
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.endpoint = resolve_endpoint(endpoint, runtime_dir)
+        self.timeout = timeout
+        self.name = name
+        self._ctx = zmq.Context.instance()
+        self._control: AsyncRequester | None = None
+        self._directory: AsyncDirectory | None = None
+        self._contacted = False
+        self._events_endpoint: str | None = None
+
+    # -- plumbing --
+
+    async def connect(self) -> AsyncClient:
+        """Open the control socket (done implicitly by every method); idempotent."""
+        if self._control is None:
+            check_reachable(self.endpoint)
+            self._control = AsyncRequester(self._ctx, [self.endpoint], sender=self.name)
+            self._directory = AsyncDirectory(self._ctx, self._control, sender=self.name)
+        return self
+
+    async def _request(self, message: Any, timeout: float | None = None) -> Any:
+        await self.connect()
+        assert self._control is not None
+        t = self.timeout if timeout is None else timeout
+        if not self._contacted and t > self.timeout:
+            await self._request(messages.PingRequest())
+        try:
+            env = await self._control.request(message, timeout=t)
+        except CallTimeout:
+            if not self._contacted:
+                raise no_reply(self.endpoint, t) from None
+            raise
+        self._contacted = True
+        return env.message
+
+    async def _events_url(self) -> str:
+        if self._events_endpoint is None:
+            reply = await self._request(messages.EventsRequest(since_seq=0, pattern=NO_MATCH_PATTERN, limit=1))
+            self._events_endpoint = reply.endpoint
+        return self._events_endpoint
+
+    async def _subscribe(self, patterns: Sequence[str], on_event: Callable[[wire.Envelope], None]) -> AsyncSubscriber:
+        subscriber = AsyncSubscriber(self._ctx, await self._events_url(), list(patterns) or ["*"], on_event)
+        try:
+            await subscriber.wait_live(self.timeout)
+        except BaseException:
+            subscriber.close()
+            raise
+        return subscriber
+
+    async def _service_status(self, name: str) -> dict[str, Any]:
+        return service_entry(await self._request(messages.StatusRequest(service=name)), name)
+
+    # -- control plane (see Client for the documentation of each) --
+
+    async def ping(self) -> dict[str, Any]:
+        """The kernel's identity: ``{version, pid, uptime_s}``."""
+        return reply_body(await self._request(messages.PingRequest()))
+
+    async def status(self, service: str | None = None) -> dict[str, Any]:
+        """``{kernel, services}``; one service if named."""
+        return reply_body(await self._request(messages.StatusRequest(service=service)))
+
+    async def list(self) -> builtins.list[dict[str, Any]]:
+        """The configured services and their specs."""
+        return builtins.list((await self._request(messages.ListRequest())).services)
+
+    async def start(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Start a service. ``{service, state}``."""
+        return reply_body(await self._request(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+
+    async def stop(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop every replica of a service. ``{service, state}``."""
+        return reply_body(await self._request(messages.StopRequest(service=name), lifecycle_timeout(timeout)))
+
+    async def restart(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop then start a service. ``{service, state}``."""
+        return reply_body(await self._request(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+
+    async def scale(self, name: str, replicas: int, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Change the replica count. ``{service, replicas, previous}``."""
+        msg = messages.ScaleRequest(service=name, replicas=replicas, wait=wait)
+        return reply_body(await self._request(msg, lifecycle_timeout(timeout)))
+
+    async def lookup(self, name: str) -> dict[str, Any]:
+        """``{service, endpoints, methods, ready, replicas}``."""
+        return reply_body(await self._request(messages.LookupRequest(service=name)))
+
+    async def shutdown(self) -> dict[str, Any]:
+        """Ask the kernel to stop every service and exit. ``{services}``."""
+        return reply_body(await self._request(messages.ShutdownRequest()))
+
+    # -- data plane --
+
+    async def call(self, service: str, method: str, /, *, timeout: float | None = None, **args: Any) -> Any:
+        """Call ``method`` of ``service`` directly on one of its ready replicas."""
+        return await self.call_args(service, method, args, timeout=timeout)
+
+    async def call_args(self, service: str, method: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """``call`` with the RPC arguments as a dict."""
+        if not self._contacted:
+            await self._request(messages.PingRequest())
+        assert self._directory is not None
+        return await self._directory.call(service, method, args, timeout=self.timeout if timeout is None else timeout)
+
+    # -- events --
+
+    def events(self, *patterns: str, since_seq: int | None = None) -> AsyncEventStream:
+        """An async event stream; ``await`` it or ``async with`` it to be sure it is live.
+
+        ``async for env in client.events("service.*")`` also works (it subscribes on the first
+        step). ``since_seq`` replays the kernel's history first, without duplicates.
+        """
+
+        async def opener(on_event: Callable[[wire.Envelope], None]) -> tuple[AsyncSubscriber, HistoryReplay | None]:
+            subscriber = await self._subscribe(patterns, on_event)
+            try:
+                replay = None
+                if since_seq is not None:
+                    replay = HistoryReplay(since_seq, subscriber.patterns)
+                    while not replay.done:
+                        replay.absorb(await self._request(replay.request()))
+            except BaseException:
+                subscriber.close()
+                raise
+            return subscriber, replay
+
+        return AsyncEventStream(opener)
+
+    async def wait_ready(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Return the service's status once all its desired replicas are ready (see Client)."""
+        deadline = time.monotonic() + timeout
+        async with self.events(*READINESS_PATTERNS) as stream:
+            entry = await self._service_status(name)
+            while True:
+                verdict = readiness(entry)
+                if verdict == "ready":
+                    return entry
+                if verdict == "failed":
+                    raise failed_error(name, entry)
+                left = deadline - time.monotonic()
+                env = await stream.next_event(left) if left > 0 else None
+                if env is None:
+                    raise CallTimeout(f"service {name!r} not ready within {timeout:g}s ({describe_progress(entry)})")
+                if event_service(env) != name and not env.topic.startswith("supervisor."):
+                    continue  # a group escalation may fail this service without naming it
+                if env.msg_type == "service.failed":
+                    raise failed_error(name, await self._service_status(name), wire.body_of(env.message).get("reason"))
+                entry = await self._service_status(name)
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        """Close every socket of this client."""
+        if self._directory is not None:
+            self._directory.close()
+        if self._control is not None:
+            self._control.close()
+        self._control = self._directory = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.endpoint!r})"

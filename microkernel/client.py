@@ -1,0 +1,243 @@
+"""The Python client of microkerneld: control requests, direct service calls and events.
+
+Two flavours with the same methods::
+
+    with Client() as c:                      # blocking: scripts, notebooks, worker threads
+        c.wait_ready("echo")
+        print(c.call("echo", "echo", text="hi"))
+
+    async with AsyncClient() as c:           # asyncio
+        await c.wait_ready("echo")
+        async for env in c.events("service.*"):
+            ...
+
+Only the control endpoint must be known; it is, in order: the ``endpoint`` argument, the control
+socket in an explicit ``runtime_dir``, ``$MICROKERNEL_ENDPOINT``, the control socket in the
+default runtime directory (``protocols.endpoints.default_runtime_dir``). The event endpoint
+comes from the kernel itself (``events_reply.endpoint``); service endpoints from look-ups.
+
+Threads: a client owns ZeroMQ sockets, and those must not be used from two threads at once.
+Create one ``Client`` per thread (cheap: they share the process-wide ZeroMQ context). An
+``AsyncClient`` belongs to the event loop that first used it.
+
+Errors: a kernel that is not running raises ``KernelUnavailable`` (code ``unavailable``) quickly;
+an error reply raises ``protocols.errors.RemoteError`` (``.code``, ``.reason``); no reply within
+the timeout from a kernel that did answer before raises ``protocols.errors.CallTimeout``;
+``wait_ready`` raises ``ServiceFailed`` when the service fails.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from protocols import messages, wire
+from protocols.directory import SyncDirectory
+from protocols.errors import CallTimeout, RemoteError
+from protocols.subscription import SyncSubscriber
+from protocols.transport import SyncRequester
+
+from microkernel.async_client import AsyncClient
+from microkernel.client_base import (
+    DEFAULT_TIMEOUT,
+    READINESS_PATTERNS,
+    KernelUnavailable,
+    ServiceFailed,
+    check_reachable,
+    describe_progress,
+    event_service,
+    failed_error,
+    lifecycle_timeout,
+    no_reply,
+    readiness,
+    reply_body,
+    resolve_endpoint,
+    service_entry,
+)
+from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, EventStream, HistoryReplay
+
+__all__ = [
+    "AsyncClient",
+    "AsyncEventStream",
+    "CallTimeout",
+    "Client",
+    "EventStream",
+    "KernelUnavailable",
+    "RemoteError",
+    "ServiceFailed",
+    "resolve_endpoint",
+]
+
+
+class Client:
+    """Blocking client of one kernel. Use one per thread; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        name: str = "client",
+        *,
+        runtime_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.endpoint = resolve_endpoint(endpoint, runtime_dir)
+        self.timeout = timeout
+        self.name = name
+        check_reachable(self.endpoint)
+        self._ctx = zmq.Context.instance()
+        self._control = SyncRequester(self._ctx, [self.endpoint], sender=name)
+        self._directory = SyncDirectory(self._ctx, self._control, sender=name)
+        self._contacted = False  # has the kernel ever answered? (tells "down" from "slow")
+        self._events_endpoint: str | None = None
+
+    # -- plumbing --
+
+    def _request(self, message: Any, timeout: float | None = None) -> Any:
+        """One control round trip; returns the typed reply body."""
+        t = self.timeout if timeout is None else timeout
+        if not self._contacted and t > self.timeout:
+            self._request(messages.PingRequest())  # a dead kernel must not cost a long timeout
+        try:
+            env = self._control.request(message, timeout=t)
+        except CallTimeout:
+            if not self._contacted:
+                raise no_reply(self.endpoint, t) from None
+            raise
+        self._contacted = True
+        return env.message
+
+    def _events_url(self) -> str:
+        if self._events_endpoint is None:
+            reply = self._request(messages.EventsRequest(since_seq=0, pattern=NO_MATCH_PATTERN, limit=1))
+            self._events_endpoint = reply.endpoint
+        return self._events_endpoint
+
+    def _subscribe(self, patterns: Sequence[str]) -> SyncSubscriber:
+        return SyncSubscriber(self._ctx, self._events_url(), list(patterns) or ["*"], timeout=self.timeout)
+
+    def _service_status(self, name: str) -> dict[str, Any]:
+        return service_entry(self._request(messages.StatusRequest(service=name)), name)
+
+    # -- control plane --
+
+    def ping(self) -> dict[str, Any]:
+        """The kernel's identity: ``{version, pid, uptime_s}``."""
+        return reply_body(self._request(messages.PingRequest()))
+
+    def status(self, service: str | None = None) -> dict[str, Any]:
+        """``{kernel, services}`` (see the StatusReply in docs/protocol.md); one service if named."""
+        return reply_body(self._request(messages.StatusRequest(service=service)))
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        """The configured services and their specs."""
+        return builtins.list(self._request(messages.ListRequest()).services)
+
+    def start(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Start a service; with ``wait`` the reply comes once it is ready. ``{service, state}``."""
+        return reply_body(self._request(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+
+    def stop(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop every replica of a service (SIGTERM, SIGKILL after its grace). ``{service, state}``."""
+        return reply_body(self._request(messages.StopRequest(service=name), lifecycle_timeout(timeout)))
+
+    def restart(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop then start a service. ``{service, state}``."""
+        return reply_body(self._request(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+
+    def scale(self, name: str, replicas: int, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
+        """Change the replica count. ``{service, replicas, previous}``."""
+        msg = messages.ScaleRequest(service=name, replicas=replicas, wait=wait)
+        return reply_body(self._request(msg, lifecycle_timeout(timeout)))
+
+    def lookup(self, name: str) -> dict[str, Any]:
+        """Where a service is served: ``{service, endpoints, methods, ready, replicas}``."""
+        return reply_body(self._request(messages.LookupRequest(service=name)))
+
+    def shutdown(self) -> dict[str, Any]:
+        """Ask the kernel to stop every service and exit. ``{services}``."""
+        return reply_body(self._request(messages.ShutdownRequest()))
+
+    # -- data plane --
+
+    def call(self, service: str, method: str, /, *, timeout: float | None = None, **args: Any) -> Any:
+        """Call ``method`` of ``service`` directly on one of its ready replicas; returns the result.
+
+        Keyword arguments are the RPC's arguments, except ``timeout`` (this call's own, default
+        the client's); use ``call_args`` for an RPC argument of that name. Error replies raise
+        ``RemoteError`` (``unknown_method``, ``handler_error``, ``not_ready`` …).
+        """
+        return self.call_args(service, method, args, timeout=timeout)
+
+    def call_args(self, service: str, method: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
+        """``call`` with the RPC arguments as a dict (for names that clash with ``timeout``)."""
+        if not self._contacted:
+            self._request(messages.PingRequest())  # tell "no kernel" from "slow service"
+        return self._directory.call(service, method, args, timeout=self.timeout if timeout is None else timeout)
+
+    # -- events --
+
+    def events(self, *patterns: str, since_seq: int | None = None) -> EventStream:
+        """Subscribe to events matching the glob ``patterns`` (all events without patterns).
+
+        Returns once the subscription is live. With ``since_seq``, kernel events with
+        ``seq >= since_seq`` still in the kernel's history come first, then the live stream,
+        without duplicates.
+        """
+        subscriber = self._subscribe(patterns)
+        try:
+            replay = None
+            if since_seq is not None:
+                replay = HistoryReplay(since_seq, subscriber.patterns)
+                while not replay.done:
+                    replay.absorb(self._request(replay.request()))
+        except BaseException:
+            subscriber.close()
+            raise
+        return EventStream(subscriber, replay)
+
+    def wait_ready(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Return the service's status once all its desired replicas are ready.
+
+        Subscribes first, then checks the status, then re-checks on each event about the
+        service, so a change between the check and the wait cannot be missed. Raises
+        ``ServiceFailed`` if the service fails and ``CallTimeout`` after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        with EventStream(self._subscribe(READINESS_PATTERNS)) as stream:
+            entry = self._service_status(name)
+            while True:
+                verdict = readiness(entry)
+                if verdict == "ready":
+                    return entry
+                if verdict == "failed":
+                    raise failed_error(name, entry)
+                left = deadline - time.monotonic()
+                env = stream.next_event(left) if left > 0 else None
+                if env is None:
+                    raise CallTimeout(f"service {name!r} not ready within {timeout:g}s ({describe_progress(entry)})")
+                if event_service(env) != name and not env.topic.startswith("supervisor."):
+                    continue  # a group escalation may fail this service without naming it
+                if env.msg_type == "service.failed":
+                    raise failed_error(name, self._service_status(name), wire.body_of(env.message).get("reason"))
+                entry = self._service_status(name)
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        """Close every socket of this client."""
+        self._directory.close()
+        self._control.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.endpoint!r})"
