@@ -71,6 +71,11 @@ class AsyncSocket:
             try:
                 frames = recv(zmq.NOBLOCK, copy=self.copy)
             except zmq.Again:
+                if self._outbox:
+                    # A failed recv processes the socket's pending commands, which consumes the
+                    # FD's edge; one of them may have made the socket writable (a connection
+                    # completed). Re-check EVENTS rather than wait for an edge that already passed.
+                    self._schedule_check()
                 return
             except zmq.ZMQError as exc:
                 if self._closed or exc.errno == zmq.ENOTSOCK:
@@ -100,6 +105,7 @@ class AsyncSocket:
             return
         if self._outbox and events & zmq.POLLOUT:
             self._flush()
+            events = self.sock.getsockopt(zmq.EVENTS)  # sending may have let messages in unnoticed
         if events & zmq.POLLIN:
             self._drain()
 

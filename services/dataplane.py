@@ -1,0 +1,250 @@
+"""The replica's data-plane server: a ROUTER on ``MK_ENDPOINT`` answering ``rpc_request``.
+
+This is the hot path. Messages are read by ``AsyncSocket`` (the loop watches the zmq FD and
+drains with NOBLOCK), and a sync handler is decoded, dispatched, encoded and sent from inside
+that callback: no await, no task, no future per message. Only ``async def`` handlers become
+tasks, tracked in a set so none is orphaned and graceful stop can wait for them.
+
+Every inbound message gets exactly one reply (except replies sent to us, which are dropped so
+two peers can never ping-pong errors): garbage frames, unknown types, oversized messages and
+handler failures all turn into error replies, never into a crash of the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import types
+from collections.abc import Coroutine
+from typing import Any
+
+import zmq
+
+from protocols import messages, wire
+from protocols.endpoints import ipc_path
+from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
+from protocols.transport import AsyncSocket
+from services.handlers import RpcHandler, portable
+
+# How long closing the socket may take to flush the last replies.
+CLOSE_LINGER_MS = 500
+
+
+class Phase(enum.Enum):
+    """Whether the data plane takes new calls."""
+
+    STARTING = "starting"  # bound, setup still running: NOT_READY
+    SERVING = "serving"
+    STOPPING = "stopping"  # graceful stop: SHUTTING_DOWN
+
+
+class _Throttle:
+    """At most one log line per ``interval`` seconds for a noisy condition, counting the rest."""
+
+    __slots__ = ("interval", "next_at", "suppressed")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        if now >= self.next_at:
+            self.next_at = now + self.interval
+            return True
+        self.suppressed += 1
+        return False
+
+
+class DataPlane:
+    """Serves a service's ``@rpc`` handlers on a bound ROUTER socket."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        endpoint: str,
+        handlers: dict[str, RpcHandler],
+        *,
+        service: str,
+        sender: str,
+        log: logging.Logger,
+        max_size: int | None = None,
+    ) -> None:
+        path = ipc_path(endpoint)
+        if path is not None:
+            # The kernel creates the runtime dir; the svc/ subdirectory may not exist yet.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self.endpoint = endpoint
+        self.handlers = handlers
+        self.service = service
+        self.sender = sender
+        self.log = log
+        self.max_size = max_size
+        self.phase = Phase.STARTING
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._bad_input = _Throttle()
+        self._loop = asyncio.get_running_loop()
+        # A slow caller must not stall replies to everybody else: drop rather than queue.
+        self.socket = AsyncSocket(sock, self._on_message, copy=False, drop_when_full=True)
+
+    @property
+    def methods(self) -> list[str]:
+        """The served RPC names, sorted."""
+        return sorted(self.handlers)
+
+    def serve(self) -> None:
+        """Start taking calls (before the replica announces readiness)."""
+        self.phase = Phase.SERVING
+
+    # --- the hot path --------------------------------------------------------------------------
+
+    def _on_message(self, frames: list[Any]) -> None:
+        try:
+            env = wire.decode(frames, max_size=self.max_size)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return
+        header = env.header
+        if header.status is not None:
+            if self._bad_input.allow():
+                self.log.warning("ignoring a %s sent to the data plane by %r", header.msg_type, header.sender)
+            return
+        request = env.message
+        if type(request) is not messages.RpcRequest:
+            self._error(env, ErrorCode.UNKNOWN_TYPE, f"the data plane of {self.service!r} serves rpc_request, not {header.msg_type}")
+            return
+        if self.phase is not Phase.SERVING:
+            if self.phase is Phase.STARTING:
+                self._error(env, ErrorCode.NOT_READY, f"service {self.service!r} is still starting")
+            else:
+                self._error(env, ErrorCode.SHUTTING_DOWN, f"service {self.service!r} is stopping")
+            return
+        deadline_ns = header.deadline_ns
+        if deadline_ns is not None and deadline_ns <= time.time_ns():
+            self._error(env, ErrorCode.DEADLINE_EXCEEDED, f"the deadline of {request.method} passed before it was served")
+            return
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            self._error(
+                env, ErrorCode.UNKNOWN_METHOD,
+                f"service {self.service!r} has no method {request.method!r} (methods: {', '.join(self.methods) or 'none'})",
+            )
+            return
+        args = request.args
+        problem = handler.args.problem(args)
+        if problem is not None:
+            self._error(env, ErrorCode.INVALID_FIELD, f"bad arguments for {request.method}: {problem}")
+            return
+        if handler.is_async:
+            self._spawn(handler.name, handler.fn(**args), env)
+            return
+        try:
+            result = handler.fn(**args)
+        except MicrokernelError as exc:
+            self._error(env, exc.code, exc.reason, exc.details)
+            return
+        except Exception as exc:
+            self._failed(env, handler.name, exc)
+            return
+        if type(result) is types.CoroutineType:  # a sync wrapper around an async function
+            self._spawn(handler.name, result, env)
+            return
+        self._reply(env, handler.name, result)
+
+    def _reply(self, env: wire.Envelope, method: str, result: Any) -> None:
+        try:
+            frames = wire.encode_reply(env.header, messages.RpcReply(result=result), sender=self.sender, routing=env.routing)
+        except (TypeError, ValueError, OverflowError):
+            # Torch tensors (or other non-msgpack values): convert, and report what still fails.
+            try:
+                frames = wire.encode_reply(env.header, messages.RpcReply(result=portable(result)),
+                                           sender=self.sender, routing=env.routing)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
+                return
+        self.socket.send(frames)
+
+    def _error(self, env: wire.Envelope, code: ErrorCode | str, reason: str, details: dict[str, Any] | None = None) -> None:
+        self.socket.send(wire.encode_error(env.header, code, reason, sender=self.sender, details=details, routing=env.routing))
+
+    def _failed(self, env: wire.Envelope, method: str, exc: BaseException) -> None:
+        self.log.error("handler %s raised %s: %s", method, type(exc).__name__, exc, exc_info=exc)
+        self._error(env, ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _reject(self, exc: ProtocolError) -> None:
+        """Answer frames that did not decode, addressed with what the decoder could recover."""
+        routing: list[bytes] = getattr(exc, "routing", None) or []
+        header: wire.Header | None = getattr(exc, "header", None)
+        if self._bad_input.allow():
+            suppressed, self._bad_input.suppressed = self._bad_input.suppressed, 0
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            self.log.warning("rejecting an inbound message: %s%s", exc.reason, more)
+        if not routing or (header is not None and header.status is not None):
+            return  # nobody to answer, or the bad message was itself a reply
+        self.socket.send(wire.encode_error(header, exc.code, exc.reason, sender=self.sender, routing=routing))
+
+    # --- async handlers ------------------------------------------------------------------------
+
+    def _spawn(self, method: str, coro: Coroutine[Any, Any, Any], env: wire.Envelope) -> None:
+        task = self._loop.create_task(self._run(method, coro, env))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, method: str, coro: Coroutine[Any, Any, Any], env: wire.Envelope) -> None:
+        deadline_ns = env.header.deadline_ns
+        try:
+            if deadline_ns is None:
+                result = await coro
+            else:
+                # The deadline is wall-clock (it crossed processes); convert it to loop time.
+                when = self._loop.time() + (deadline_ns - time.time_ns()) / 1e9
+                timeout = asyncio.timeout_at(when)
+                try:
+                    async with timeout:
+                        result = await coro
+                except TimeoutError:
+                    if not timeout.expired():
+                        raise  # the handler's own TimeoutError: a handler error
+                    self._error(env, ErrorCode.DEADLINE_EXCEEDED, f"{method} did not finish before the request's deadline")
+                    return
+        except asyncio.CancelledError:
+            self._error(env, ErrorCode.SHUTTING_DOWN, f"{method} was cancelled: service {self.service!r} is stopping")
+            raise
+        except MicrokernelError as exc:
+            self._error(env, exc.code, exc.reason, exc.details)
+        except Exception as exc:
+            self._failed(env, method, exc)
+        else:
+            self._reply(env, method, result)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new calls; wait up to ``timeout`` s for in-flight ones, then cancel the rest."""
+        self.phase = Phase.STOPPING
+        if not self.tasks:
+            return
+        pending = set(self.tasks)
+        self.log.info("waiting for %d in-flight call(s)", len(pending))
+        _, late = await asyncio.wait(pending, timeout=max(0.0, timeout))
+        if late:
+            self.log.warning("cancelling %d call(s) still running after %gs", len(late), timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    def close(self, linger: int = CLOSE_LINGER_MS) -> None:
+        """Close the socket, giving queued replies ``linger`` ms to leave."""
+        for task in self.tasks:
+            task.cancel()
+        self.socket.close(linger=linger)

@@ -1,0 +1,163 @@
+"""The child entry point: ``python -m services.runner ENTRY``.
+
+``ENTRY`` (or ``$MK_ENTRY``) is ``package.module:Class`` or the name of an entry point in the
+``microkernel.services`` group. The runner reads the ``MK_*`` environment the kernel set, ties
+its life to the kernel's, configures logging and runs one replica on one event loop.
+
+Exit status: 0 after a graceful stop, 1 when setup (or teardown) failed, 2 when the entry or
+the environment is unusable (the reason is printed on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import importlib
+import importlib.metadata
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from services.base import Service
+from services.environment import EnvironmentProblem, ReplicaEnvironment
+from services.logs import configure
+
+ENTRY_POINT_GROUP = "microkernel.services"
+EXIT_USAGE = 2
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class EntryError(Exception):
+    """The service entry cannot be resolved to a ``Service`` subclass."""
+
+
+def resolve_entry(entry: str) -> type[Service]:
+    """``module:Class`` (``Class`` may be dotted) or an entry-point name -> the Service subclass."""
+    if ":" in entry:
+        module_name, _, qualname = entry.partition(":")
+        if not module_name or not qualname:
+            raise EntryError(f"entry {entry!r} must look like 'package.module:Class'")
+        obj = _attribute(_import(module_name, entry), qualname, entry)
+    else:
+        matches = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP, name=entry)
+        if not matches:
+            known = sorted(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+            raise EntryError(
+                f"entry {entry!r} is neither 'package.module:Class' nor an entry point in group "
+                f"{ENTRY_POINT_GROUP!r} (known entry points: {', '.join(known) or 'none'})"
+            )
+        ep = next(iter(matches))
+        try:
+            obj = ep.load()
+        except Exception as exc:
+            raise EntryError(f"loading entry point {entry!r} ({ep.value}) failed:\n{_format(exc)}") from None
+    if not (isinstance(obj, type) and issubclass(obj, Service)):
+        raise EntryError(f"entry {entry!r} resolves to {obj!r}, which is not a subclass of services.base.Service")
+    return obj
+
+
+def _import(module_name: str, entry: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise EntryError(f"entry {entry!r}: no module named {exc.name!r} (is it on PYTHONPATH?)") from None
+        raise EntryError(f"entry {entry!r}: importing {module_name!r} failed:\n{_format(exc)}") from None
+    except Exception as exc:  # the module itself is broken: show where
+        raise EntryError(f"entry {entry!r}: importing {module_name!r} failed:\n{_format(exc)}") from None
+
+
+def _attribute(module: Any, qualname: str, entry: str) -> Any:
+    obj = module
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise EntryError(f"entry {entry!r}: module {module.__name__!r} has no attribute {qualname!r}") from None
+    return obj
+
+
+def _format(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def tie_to_kernel(kernel_pid: int | None) -> bool:
+    """Die with the kernel: (re)arm PDEATHSIG and check the kernel is still there.
+
+    The kernel arms PDEATHSIG between fork and exec already; arming it again here also covers a
+    runner started through a wrapper. Returns False when the kernel is already gone.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the process group kill still applies
+        pass
+    if kernel_pid is None or os.getppid() == kernel_pid:
+        return True
+    # Reparented: our parent died before PDEATHSIG was armed. Unless the kernel started us through
+    # an intermediate process (a wrapper command) and is still alive, there is nobody to serve.
+    try:
+        os.kill(kernel_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_replica(service_cls: type[Service], env: ReplicaEnvironment) -> int:
+    """Configure logging and run one replica to completion; returns the exit status."""
+    from services.replica import ReplicaRuntime  # imported here: keeps `--help` and entry errors fast
+
+    log = configure(env.service, env.replica, env.log_level)
+    runtime = ReplicaRuntime(service_cls, env, log)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(runtime.run())
+
+
+def _fail(message: str) -> int:
+    print(f"services.runner: error: {message}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.runner",
+        description="Run one replica of a microkernel service (started by the kernel with MK_* set).",
+    )
+    parser.add_argument("entry", nargs="?", help="'package.module:Class' or an entry-point name "
+                        f"in group {ENTRY_POINT_GROUP!r} (default: $MK_ENTRY)")
+    args = parser.parse_args(argv)
+    entry = args.entry or os.environ.get("MK_ENTRY")
+    if not entry:
+        return _fail("no service entry: pass ENTRY ('package.module:Class' or an entry-point name) or set MK_ENTRY")
+    try:
+        env = ReplicaEnvironment.from_environ(os.environ)
+    except EnvironmentProblem as exc:
+        return _fail("; ".join(exc.problems) + " (this runner is normally started by the microkernel daemon)")
+    # Before importing the service's module, which may take seconds (torch).
+    if not tie_to_kernel(env.kernel_pid):
+        print(f"services.runner: the kernel (pid {env.kernel_pid}) is gone; exiting", file=sys.stderr, flush=True)
+        return 1
+    try:
+        service_cls = resolve_entry(entry)
+    except EntryError as exc:
+        return _fail(str(exc))
+    return run_replica(service_cls, env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
