@@ -49,6 +49,10 @@ class EventBus:
         xpub.bind(events_out)
         self._xpub = AsyncSocket(xpub, self._on_subscription, drop_when_full=True)
         self._xsub = AsyncSocket(xsub, self._on_published)
+        # Subscribe upstream to everything once, instead of forwarding each subscriber's filters:
+        # a service's events then reach the proxy before any subscription could, so a subscriber
+        # that has its welcome cannot lose an event to a filter still travelling to the service.
+        self._xsub.send([b"\x01"])
 
     @property
     def next_seq(self) -> int:
@@ -61,8 +65,6 @@ class EventBus:
 
     def _on_subscription(self, frames: list[Any]) -> None:
         raw = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
-        # Forward upstream so publishers can filter at the source.
-        self._xsub.send([raw])
         if raw[:1] == b"\x01" and raw[1:].startswith(_WELCOME):
             topic = raw[1:].decode("utf-8", "replace")
             self._send(messages.KernelWelcome(next_seq=self.next_seq), topic)
