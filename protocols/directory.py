@@ -53,6 +53,17 @@ class _Route:
                 self.requester.connect(ep)
 
 
+def _install(routes: dict[str, _Route], service: str, endpoints: list[str], now: float, factory: Any) -> _Route:
+    """Create or refresh the route of ``service`` after a successful lookup."""
+    route = routes.get(service)
+    if route is None:
+        route = routes[service] = _Route(factory(endpoints), now + LOOKUP_TTL_S)
+    else:
+        route.update(endpoints)
+        route.expires = now + LOOKUP_TTL_S
+    return route
+
+
 class AsyncDirectory:
     """Direct data-plane calls from inside an asyncio loop (service SDK, AsyncClient)."""
 
@@ -69,17 +80,10 @@ class AsyncDirectory:
         if route is not None and not refresh and now < route.expires:
             return route
         env = await self.control.request(messages.LookupRequest(service=service), timeout=timeout)
-        endpoints = _check_lookup(env.message)
-        if route is None:
-            route = _Route(
-                AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size),
-                now + LOOKUP_TTL_S,
-            )
-            self._routes[service] = route
-        else:
-            route.update(endpoints)
-            route.expires = now + LOOKUP_TTL_S
-        return route
+        return _install(self._routes, service, _check_lookup(env.message), now, self._requester)
+
+    def _requester(self, endpoints: list[str]) -> AsyncRequester:
+        return AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
 
     async def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
@@ -117,17 +121,10 @@ class SyncDirectory:
         if route is not None and now < route.expires:
             return route
         env = self.control.request(messages.LookupRequest(service=service), timeout=timeout)
-        endpoints = _check_lookup(env.message)
-        if route is None:
-            route = _Route(
-                SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size),
-                now + LOOKUP_TTL_S,
-            )
-            self._routes[service] = route
-        else:
-            route.update(endpoints)
-            route.expires = now + LOOKUP_TTL_S
-        return route
+        return _install(self._routes, service, _check_lookup(env.message), now, self._requester)
+
+    def _requester(self, endpoints: list[str]) -> SyncRequester:
+        return SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
 
     def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
