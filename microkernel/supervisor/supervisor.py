@@ -137,6 +137,8 @@ class Supervisor:
         rec = self.services[msg.service]
         if rep.state is not S.STARTING:
             raise MicrokernelError(ErrorCode.BAD_STATE, f"{rep.name} announced readiness while {rep.state.value}")
+        if rec.spec.heartbeat and rep.key not in self.liveness:
+            self.liveness.beat(rep.key, time.monotonic())  # ready implies alive: start the clock
         rep.endpoint = msg.endpoint
         rep.methods = sorted(msg.methods)
         rep.ready_at_ns = time.time_ns()
@@ -272,8 +274,8 @@ class Supervisor:
         key = rep.key
         self.live[key] = rep
         self.sentinel.track(proc.pid)
-        if spec.heartbeat:
-            self.liveness.beat(key, time.monotonic())
+        # Liveness is tracked from the first heartbeat: before it (interpreter start, imports on a
+        # loaded machine) the start timeout is what bounds a replica that never comes up.
         self.bus.emit(m.ServiceStarted, service=rec.name, replica=rep.index, incarnation=rep.incarnation, pid=proc.pid)
         exit_wait = asyncio.ensure_future(proc.wait())
         try:

@@ -24,8 +24,8 @@ ECHO = 'entry = "tests.fixtures.echo:Echo"'
 CRASHY = 'entry = "tests.fixtures.crashy:Crashy"'
 FAST = """
 [kernel]
-heartbeat_interval = "250ms"
-heartbeat_liveness = 6
+heartbeat_interval = "300ms"
+heartbeat_liveness = 10
 """
 
 
