@@ -148,7 +148,17 @@ def _checker(annotation: Any) -> Checker:
             return tuple(items) if as_tuple else items
         return check_seq
     if origin is dict or annotation is dict:
-        value = _checker(args[1]) if len(args) == 2 else (lambda p, v: v)
+        if len(args) != 2 or args[1] is Any:
+            # Values are free-form: check the keys only and keep the decoded map as it is.
+            def check_free_map(path: str, v: Any) -> Any:
+                if not isinstance(v, dict):
+                    raise _fail(path, "a map", v)
+                for k in v:
+                    if type(k) is not str:
+                        raise _fail(f"{path} key", "a string", k)
+                return v
+            return check_free_map
+        value = _checker(args[1])
 
         def check_map(path: str, v: Any) -> Any:
             if not isinstance(v, dict):
@@ -196,6 +206,12 @@ def build(cls: type[T], body: Any) -> T:
     return cls(**kwargs)
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def fields_of(cls: type) -> tuple[str, ...]:
     """Field names of a registered message class, in declaration order."""
-    return tuple(name for name, _, _ in _schema(cls))
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(name for name, _, _ in _schema(cls))
+    return names

@@ -17,7 +17,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import msgpack
 
@@ -43,9 +43,8 @@ def new_msg_id() -> bytes:
     return _MSG_ID_PREFIX + next(_counter).to_bytes(8, "big")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Header:
-    """The header frame of every message."""
+class Header(NamedTuple):
+    """The header frame of every message (a NamedTuple: built once per message on the hot path)."""
 
     msg_id: bytes
     msg_type: str
@@ -253,11 +252,7 @@ def _decode_header(raw: Any) -> Header:
     if not isinstance(h, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "header must be a map")
     version = h.get("version")
-    if (
-        not isinstance(version, list)
-        or len(version) != 2
-        or not all(type(v) is int for v in version)
-    ):
+    if type(version) is not list or len(version) != 2 or type(version[0]) is not int or type(version[1]) is not int:
         raise ProtocolError(ErrorCode.MALFORMED, "header.version must be [major, minor]")
     if version[0] != PROTOCOL_VERSION[0]:
         err = ProtocolError(
@@ -282,16 +277,7 @@ def _decode_header(raw: Any) -> Header:
         raise ProtocolError(ErrorCode.MALFORMED, "header.deadline_ns must be an integer")
     if status is not None and status not in (STATUS_OK, STATUS_ERROR):
         raise ProtocolError(ErrorCode.MALFORMED, "header.status must be 'ok' or 'error'")
-    return Header(
-        msg_id=msg_id,
-        msg_type=msg_type,
-        version=(version[0], version[1]),
-        sender=sender,
-        ts_ns=ts_ns,
-        parent_id=parent_id,
-        deadline_ns=deadline_ns,
-        status=status,
-    )
+    return Header(msg_id, msg_type, (version[0], version[1]), sender, ts_ns, parent_id, deadline_ns, status)
 
 
 def _loose_header(h: dict[str, Any]) -> Header | None:
@@ -353,7 +339,14 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
     else:
         topic_name = None
         start = -1
-        for i in range(min(len(frames), 8)):
+        # Fast paths: a DEALER sees MK1 first, a ROUTER sees one routing id then MK1.
+        first = frames[0] if frames else b""
+        if type(first) is bytes and first == MAGIC:
+            start = 0
+        elif len(frames) > 1 and type(frames[1]) is bytes and frames[1] == MAGIC:
+            start = 1
+            routing.append(_as_bytes(first))
+        for i in range(min(len(frames), 8) if start < 0 else 0):
             f = frames[i]
             if _nbytes(f) == 3 and _as_bytes(f) == MAGIC:
                 start = i

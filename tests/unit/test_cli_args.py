@@ -181,7 +181,7 @@ def test_list_and_lookup_text() -> None:
 def _envelope(message: object, ts_ns: int, topic: str | None = None) -> wire.Envelope:
     frames = wire.encode(message, sender="kernel", topic=topic or wire.msg_type_of(message))
     env = wire.decode(frames, topic=True)
-    env.header = dataclasses.replace(env.header, ts_ns=ts_ns)
+    env.header = env.header._replace(ts_ns=ts_ns)
     return env
 
 
