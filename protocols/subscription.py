@@ -25,7 +25,7 @@ import zmq
 
 from protocols import wire
 from protocols.errors import CallTimeout, ProtocolError
-from protocols.transport import AsyncSocket
+from protocols.transport import AsyncSocket, recv_message
 
 log = logging.getLogger("microkernel.subscription")
 
@@ -149,7 +149,7 @@ class SyncSubscriber:
                 self._backlog.append(env)
 
     def _recv(self) -> wire.Envelope | None:
-        frames = self.sock.recv_multipart(copy=False)
+        frames = recv_message(self.sock)
         try:
             return wire.decode(frames, topic=True, max_size=self.max_size)
         except ProtocolError as exc:

@@ -95,7 +95,7 @@ class DataPlane:
         self._bad_input = _Throttle()
         self._loop = asyncio.get_running_loop()
         # A slow caller must not stall replies to everybody else: drop rather than queue.
-        self.socket = AsyncSocket(sock, self._on_message, copy=False, drop_when_full=True)
+        self.socket = AsyncSocket(sock, self._on_message, drop_when_full=True)
 
     @property
     def methods(self) -> list[str]:
