@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 
 from protocols import messages as m
+from protocols.board import HeartbeatBoard
 from protocols.endpoints import KernelEndpoints
 from microkernel import __version__
 from microkernel.bus.control import ControlRouter
@@ -24,6 +25,10 @@ from microkernel.sentinel import Sentinel
 from microkernel.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("microkernel.kernel")
+
+# Slots of the heartbeat board (16 bytes each); replicas beyond it send heartbeat messages.
+BOARD_SLOTS = 4096
+BOARD_FILE = "heartbeats.board"
 
 # How long the control socket keeps trying to deliver the last replies (e.g. to shutdown_request).
 CONTROL_LINGER_MS = 500
@@ -94,8 +99,9 @@ class Kernel:
             await sentinel.start()
             self.bus = EventBus(ctx, events_in=self.endpoints.events_in, events_out=self.endpoints.events_out,
                                 history=self.settings.event_history)
+            board = HeartbeatBoard.create(self.rundir.path / BOARD_FILE, BOARD_SLOTS)
             self.supervisor = Supervisor(self.config, bus=self.bus, sentinel=sentinel, endpoints=self.endpoints,
-                                         runtime_dir=self.rundir.path)
+                                         runtime_dir=self.rundir.path, board=board)
             self.control = ControlRouter(ctx, self.endpoints.control, handlers=all_handlers(), kernel=self,
                                          max_size=self.settings.max_message_size)
             for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
@@ -129,4 +135,7 @@ class Kernel:
                 self.bus.close()
             await sentinel.close()
             ctx.term()
+            if hasattr(self, "supervisor") and self.supervisor.board is not None:
+                self.supervisor.board.close()
+                (self.rundir.path / BOARD_FILE).unlink(missing_ok=True)
             self.rundir.release()

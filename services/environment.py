@@ -50,6 +50,9 @@ class ReplicaEnvironment:
     max_message_size: int | None = None
     kernel_pid: int | None = None
     log_level: str = "INFO"
+    heartbeat_board: str | None = None
+    """Path of the kernel's heartbeat board (same-host liveness without messages), if any."""
+    heartbeat_slot: int | None = None
 
     @property
     def identity(self) -> str:
@@ -82,6 +85,7 @@ class ReplicaEnvironment:
         incarnation = integer("MK_INCARNATION")
         max_size = integer("MK_MAX_MESSAGE_SIZE", minimum=1)
         kernel_pid = integer("MK_KERNEL_PID", minimum=1)
+        heartbeat_slot = integer("MK_HEARTBEAT_SLOT")
 
         interval = DEFAULT_HEARTBEAT_INTERVAL
         raw_interval = environ.get("MK_HEARTBEAT_INTERVAL")
@@ -123,4 +127,6 @@ class ReplicaEnvironment:
             max_message_size=max_size,
             kernel_pid=kernel_pid,
             log_level=environ.get("MK_LOG_LEVEL") or "INFO",
+            heartbeat_board=environ.get("MK_HEARTBEAT_BOARD") or None,
+            heartbeat_slot=heartbeat_slot,
         )

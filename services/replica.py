@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import zmq
 
 from protocols import messages
+from protocols.board import BoardError, HeartbeatBoard
 from protocols.directory import AsyncDirectory
 from protocols.errors import MicrokernelError
 from protocols.transport import AsyncRequester
@@ -238,10 +239,30 @@ class ReplicaRuntime:
         return self.exit_code
 
     async def _heartbeat(self) -> None:
-        """One-way heartbeats from process start to exit; they stop only if the loop blocks."""
+        """Heartbeats from process start to exit; they stop only if the loop blocks.
+
+        On the kernel's host they go to this replica's slot of the heartbeat board (no message,
+        no wakeup of the kernel); otherwise, or if the board cannot be used, as messages.
+        """
         assert self._control is not None
-        beat = messages.Heartbeat(service=self.service, replica=self.replica, incarnation=self.incarnation)
         interval = self.env.heartbeat_interval
+        board = None
+        if self.env.heartbeat_board is not None and self.env.heartbeat_slot is not None:
+            try:
+                board = HeartbeatBoard.attach(self.env.heartbeat_board)
+                board.beat(self.env.heartbeat_slot)
+            except BoardError as exc:
+                self.log.warning("heartbeat board unusable (%s); sending heartbeat messages", exc)
+                board = None
+        if board is not None:
+            slot = self.env.heartbeat_slot
+            try:
+                while True:
+                    board.beat(slot)
+                    await asyncio.sleep(interval)
+            finally:
+                board.close()
+        beat = messages.Heartbeat(service=self.service, replica=self.replica, incarnation=self.incarnation)
         while True:
             self._control.send(beat)
             await asyncio.sleep(interval)

@@ -49,6 +49,8 @@ class ReplicaRecord:
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     detail: str = ""
+    board_slot: int | None = None
+    board_seen_ns: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:

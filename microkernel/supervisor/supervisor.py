@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols import messages as m
+from protocols.board import BOARD_ENV, SLOT_ENV, HeartbeatBoard
 from protocols.endpoints import KernelEndpoints, ipc_path
 from protocols.errors import ErrorCode, MicrokernelError
 from microkernel.bus.events import EventBus
@@ -62,6 +63,7 @@ class Supervisor:
         sentinel: Sentinel,
         endpoints: KernelEndpoints,
         runtime_dir: Path,
+        board: HeartbeatBoard | None = None,
     ) -> None:
         self.config = config
         self.settings = config.kernel
@@ -75,6 +77,8 @@ class Supervisor:
             self.settings.heartbeat_interval, self.settings.heartbeat_liveness
         )
         self.live: dict[tuple[str, int, int], ReplicaRecord] = {}
+        self.board = board
+        self._free_slots = list(range(board.slots - 1, -1, -1)) if board is not None else []
         self.shutting_down = False
         self._tasks: set[asyncio.Task[Any]] = set()
         for name in config.start_order():
@@ -246,6 +250,14 @@ class Supervisor:
         rep.ready_at_ns = None
         self._set(rec, rep, S.STARTING, "spawning")
         self.bus.emit(m.ServiceStarting, service=rec.name, replica=rep.index, incarnation=rep.incarnation)
+        extra = dict(self.sentinel.marker_env)
+        if spec.heartbeat and self._free_slots:
+            assert self.board is not None
+            rep.board_slot = self._free_slots.pop()
+            rep.board_seen_ns = 0
+            self.board.claim(rep.board_slot, owner=rep.incarnation)
+            extra[BOARD_ENV] = self.board.path
+            extra[SLOT_ENV] = str(rep.board_slot)
         env, endpoint = environment_for(
             spec,
             replica=rep.index,
@@ -255,13 +267,14 @@ class Supervisor:
             heartbeat_interval=self.settings.heartbeat_interval,
             max_message_size=self.settings.max_message_size,
             log_level=self.settings.log_level,
-            extra=self.sentinel.marker_env,
+            extra=extra,
         )
         rep.started_at_ns = time.time_ns()
         rep.started_mono = time.monotonic()
         try:
             proc = await spawn(argv_for(spec), env=env, cwd=spec.cwd)
         except (SpawnError, OSError, ValueError) as exc:
+            self._release_slot(rep)
             reason = ExitReason(kind="spawn_failed", detail=str(exc))
             log.error("%s could not be started: %s", rep.name, exc)
             return self._exited(rec, rep, reason, pid=0, uptime=0.0)
@@ -292,6 +305,7 @@ class Supervisor:
                 exit_wait.cancel()
             # Also when it exited on its own: whatever it left behind in its group dies with it.
             await kill_tree(proc, grace=0)
+            self._release_slot(rep)
             self.live.pop(key, None)
             self.liveness.forget(key)
             self.sentinel.untrack(proc.pid)
@@ -304,6 +318,26 @@ class Supervisor:
         reason = ExitReason.from_returncode(returncode, requested=rep.kill_reason)
         uptime = time.monotonic() - rep.started_mono
         return self._exited(rec, rep, reason, pid=proc.pid, uptime=uptime)
+
+    def _release_slot(self, rep: ReplicaRecord) -> None:
+        if rep.board_slot is not None and self.board is not None:
+            self.board.release(rep.board_slot)
+            self._free_slots.append(rep.board_slot)
+        rep.board_slot = None
+
+    def _read_board(self) -> None:
+        """Feed the beats recorded on the heartbeat board into the liveness bookkeeping."""
+        board = self.board
+        if board is None:
+            return
+        for key, rep in self.live.items():
+            slot = rep.board_slot
+            if slot is None:
+                continue
+            beat_ns = board.last_beat(slot)
+            if beat_ns > rep.board_seen_ns:
+                rep.board_seen_ns = beat_ns
+                self.liveness.beat(key, beat_ns / 1e9)  # same clock as time.monotonic()
 
     async def _await_readiness(
         self, rep: ReplicaRecord, proc: asyncio.subprocess.Process, exit_wait: asyncio.Future[int], spec: ServiceSpec
@@ -482,6 +516,7 @@ class Supervisor:
         while True:
             # A timer is right here: liveness is by definition the absence of messages.
             await asyncio.sleep(interval / 2)
+            self._read_board()
             for key in self.liveness.expired(time.monotonic()):
                 rep = self.live.get(key)
                 if rep is not None:
