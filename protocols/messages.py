@@ -380,6 +380,19 @@ class ServiceBackoff:
     consecutive: int
 
 
+@message("service.stopping")
+@_frozen
+class ServiceStopping:
+    """A replica is being stopped: SIGTERM sent, SIGKILL after ``grace_s``."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    grace_s: float
+
+
 @message("service.stopped")
 @_frozen
 class ServiceStopped:

@@ -51,6 +51,7 @@ class ReplicaRecord:
     detail: str = ""
     board_slot: int | None = None
     board_seen_ns: int = 0
+    holds_start_slot: bool = False
 
     @property
     def key(self) -> tuple[str, int, int]:

@@ -80,6 +80,7 @@ class Supervisor:
         self.board = board
         self._free_slots = list(range(board.slots - 1, -1, -1)) if board is not None else []
         self.shutting_down = False
+        self._start_slots = asyncio.Semaphore(self.settings.start_concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
         for name in config.start_order():
             self._add_service(config.services[name])
@@ -248,8 +249,45 @@ class Supervisor:
         rep.methods = []
         rep.ready_event = asyncio.Event()
         rep.ready_at_ns = None
-        self._set(rec, rep, S.STARTING, "spawning")
+        self._set(rec, rep, S.STARTING, "queued for a start slot" if self._start_slots.locked() else "spawning")
         self.bus.emit(m.ServiceStarting, service=rec.name, replica=rep.index, incarnation=rep.incarnation)
+        if not await self._acquire_start_slot(rep):
+            reason = ExitReason(kind="stopped", detail="stopped before it was spawned")
+            return self._exited(rec, rep, reason, pid=0, uptime=0.0)
+        try:
+            return await self._spawn_and_supervise(rec, rep)
+        finally:
+            self._free_start_slot(rep)
+
+    async def _acquire_start_slot(self, rep: ReplicaRecord) -> bool:
+        """Wait for one of the ``start_concurrency`` slots; False if the replica was stopped meanwhile."""
+        if not self._start_slots.locked():
+            await self._start_slots.acquire()
+        else:
+            acquire = asyncio.ensure_future(self._start_slots.acquire())
+            stop = asyncio.ensure_future(rep.wakeup.wait())
+            try:
+                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not acquire.done():
+                    acquire.cancel()
+            if not acquire.done() or acquire.cancelled():
+                return False
+        if rep.stop_requested or self.shutting_down:
+            self._start_slots.release()
+            return False
+        rep.holds_start_slot = True
+        return True
+
+    def _free_start_slot(self, rep: ReplicaRecord) -> None:
+        if rep.holds_start_slot:
+            rep.holds_start_slot = False
+            self._start_slots.release()
+
+    async def _spawn_and_supervise(self, rec: ServiceRecord, rep: ReplicaRecord) -> ExitReason:
+        spec = rec.spec
+        rep.detail = "spawning"
         extra = dict(self.sentinel.marker_env)
         if spec.heartbeat and self._free_slots:
             assert self.board is not None
@@ -293,12 +331,14 @@ class Supervisor:
         exit_wait = asyncio.ensure_future(proc.wait())
         try:
             if spec.ready is ReadyMode.SPAWN:
+                self._free_start_slot(rep)
                 self._set(rec, rep, S.RUNNING)
                 self.bus.emit(m.ServiceReady, service=rec.name, replica=rep.index, incarnation=rep.incarnation,
                               pid=proc.pid, endpoint="", startup_ms=0.0)
             else:
                 self._set(rec, rep, S.STARTING, "waiting for readiness")
                 await self._await_readiness(rep, proc, exit_wait, spec)
+                self._free_start_slot(rep)
             returncode = await exit_wait
         finally:
             if not exit_wait.done():  # cancelled (kernel teardown): make sure it dies
@@ -403,6 +443,8 @@ class Supervisor:
             rep.kill_reason = rep.kill_reason or "stopped"
             if rep.state in (S.STARTING, S.RUNNING, S.READY):
                 self._set(rec, rep, S.STOPPING)
+            self.bus.emit(m.ServiceStopping, service=rec.name, replica=rep.index, incarnation=rep.incarnation,
+                          pid=proc.pid, grace_s=rec.spec.stop_timeout)
             await kill_tree(proc, grace=rec.spec.stop_timeout)
         if rep.task is not None:
             await asyncio.wait({rep.task})

@@ -283,11 +283,11 @@ command = ["sleep", "1000"]
 
 
 def test_commands_on_different_services_do_not_block_each_other(short_tmp: str) -> None:
-    # `stubborn` ignores SIGTERM, so stopping it takes its whole 5 s grace.
+    # `stubborn` ignores SIGTERM, so stopping it takes its whole 10 s grace.
     config = """
 [services.stubborn]
 command = ["python3", "-c", "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()"]
-stop_timeout = "5s"
+stop_timeout = "10s"
 [services.w]
 entry = "tests.fixtures.crashy:Crashy"
 """
@@ -295,17 +295,17 @@ entry = "tests.fixtures.crashy:Crashy"
         c.wait_ready("w", timeout=CEILING)
         c.wait_ready("stubborn", timeout=CEILING)
         stop_done = threading.Event()
-        stop_result: list[dict] = []
 
         def slow_stop() -> None:
             with Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c2:
-                stop_result.append(c2.stop("stubborn"))
+                c2.stop("stubborn")
             stop_done.set()
 
         with c.events("service.stopping", "service.exited") as stream:
             t = threading.Thread(target=slow_stop)
             t.start()
-            # Once the stubborn stop is under way, a restart of another service completes first.
+            wait_event(stream, is_event("service.stopping", "stubborn"))
+            # While the stubborn stop waits out its grace, a restart of another service completes.
             reply = c.restart("w")
             assert reply["state"] == "ready"
             assert not stop_done.is_set()
@@ -421,3 +421,34 @@ restart = "temporary"
             c.call("e", "exit", code=5)
             assert _data(wait_event(stream, is_event("service.exited", "e")))["reason"]["text"] == "exit(5)"
         assert _gone([orphan]) == []
+
+
+def test_start_concurrency_queues_starts_without_timing_them_out(short_tmp: str) -> None:
+    # Each SlowReady takes ~2 s to get ready; with one start slot the third waits ~4 s for its
+    # turn, which must not count against its 4 s start timeout.
+    services = "".join(
+        f"""
+[services.s{i}]
+entry = "tests.fixtures.slow_ready:SlowReady"
+start_timeout = "4s"
+restart = "temporary"
+[services.s{i}.config]
+steps = 3
+step_s = 0.5
+extend_s = 0.1
+"""
+        for i in range(3)
+    )
+    config = "[kernel]\nstart_concurrency = 1\n" + services
+    with start_kernel(config, short_tmp) as k, Client(runtime_dir=k.runtime_dir) as c:
+        with c.events("service.*", since_seq=0) as stream:
+            order = []
+            while len(order) < 3:
+                env = wait_event(stream, lambda e: e.msg_type in ("service.ready", "service.exited"))
+                assert env.msg_type == "service.ready", _data(env)
+                order.append(_data(env)["service"])
+        spawned = [e for e in c.status()["services"]]
+        starts = sorted(r["replicas"][0]["started_at_ns"] for r in spawned)
+        readies = sorted(r["replicas"][0]["ready_at_ns"] for r in spawned)
+        # Never two starting at once: each spawn follows the previous readiness.
+        assert starts[1] >= readies[0] and starts[2] >= readies[1]
