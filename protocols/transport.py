@@ -27,6 +27,9 @@ DRAIN_BATCH = 256
 # Frames at least this large are sent zero-copy; smaller ones are cheaper to copy (creating a
 # zmq.Frame and tracking its lifetime costs more than copying a few hundred bytes).
 ZERO_COPY_THRESHOLD = 64 * 1024
+_RCVMORE = int(zmq.RCVMORE)
+_SNDTIMEO = int(zmq.SNDTIMEO)
+_RCVTIMEO = int(zmq.RCVTIMEO)
 
 
 def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
@@ -37,10 +40,11 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     received as a ``zmq.Frame`` whose memory is shared with ZeroMQ, never copied.
     """
     recv = sock.recv
+    getsockopt = sock.getsockopt  # not the `rcvmore` attribute: pyzmq's attribute magic is slow
     frame = recv(flags)
     frames = [frame]
     after_magic = 0 if frame == wire.MAGIC else -1
-    while sock.rcvmore:
+    while getsockopt(_RCVMORE):
         if after_magic >= 2:
             frames.append(recv(copy=False))
             continue
@@ -308,6 +312,7 @@ class SyncRequester:
     ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        self._timeouts: dict[int, int] = {}
         if immediate:
             self.sock.immediate = 1
         for ep in endpoints:
@@ -329,6 +334,13 @@ class SyncRequester:
             except zmq.ZMQError:
                 pass
 
+    def _set_timeout(self, option: int, ms: int) -> None:
+        # Timeouts are rounded to 10 ms steps so a steady caller does not set them every call.
+        ms = -(-ms // 10) * 10
+        if self._timeouts.get(option) != ms:
+            self.sock.setsockopt(option, ms)
+            self._timeouts[option] = ms
+
     def request(self, message: Any, *, timeout: float, deadline_ns: int | None = None) -> wire.Envelope:
         """Send and wait for the correlated reply; raises RemoteError or CallTimeout."""
         msg_id = wire.new_msg_id()
@@ -337,7 +349,7 @@ class SyncRequester:
             deadline_ns = time.time_ns() + int(timeout * 1e9)
         frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
         sock = self.sock
-        sock.sndtimeo = max(1, int(timeout * 1000))
+        self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
         try:
             send_message(sock, frames)
         except zmq.Again:
@@ -348,7 +360,7 @@ class SyncRequester:
             try:
                 if left <= 0:
                     raise zmq.Again()
-                sock.rcvtimeo = max(1, int(left * 1000))
+                self._set_timeout(_RCVTIMEO, max(1, int(left * 1000)))
                 frames_in = recv_message(sock)
             except zmq.Again:
                 raise CallTimeout(f"no reply to {wire.msg_type_of(message)} from {', '.join(self.endpoints)} within {timeout:g}s") from None
