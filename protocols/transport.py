@@ -28,8 +28,20 @@ DRAIN_BATCH = 256
 # zmq.Frame and tracking its lifetime costs more than copying a few hundred bytes).
 ZERO_COPY_THRESHOLD = 64 * 1024
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
 _SNDTIMEO = int(zmq.SNDTIMEO)
 _RCVTIMEO = int(zmq.RCVTIMEO)
+_SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+# The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
+# a Python frame, a type check and enum arithmetic per frame (several µs per message on small VMs).
+_BaseSocket = zmq.Socket.__mro__[1]
+if all(hasattr(_BaseSocket, name) for name in ("send", "recv", "get")):
+    _send, _recv, _get = _BaseSocket.send, _BaseSocket.recv, _BaseSocket.get
+else:  # another backend: the public API
+    _send, _recv, _get = zmq.Socket.send, zmq.Socket.recv, zmq.Socket.getsockopt
 
 
 def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
@@ -39,16 +51,14 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     they are copied; every frame after the body is a binary buffer (a tensor, a blob) and is
     received as a ``zmq.Frame`` whose memory is shared with ZeroMQ, never copied.
     """
-    recv = sock.recv
-    getsockopt = sock.getsockopt  # not the `rcvmore` attribute: pyzmq's attribute magic is slow
-    frame = recv(flags)
+    frame = _recv(sock, flags)
     frames = [frame]
     after_magic = 0 if frame == wire.MAGIC else -1
-    while getsockopt(_RCVMORE):
+    while _get(sock, _RCVMORE):
         if after_magic >= 2:
-            frames.append(recv(copy=False))
+            frames.append(_recv(sock, 0, False))
             continue
-        frame = recv()
+        frame = _recv(sock, 0)
         frames.append(frame)
         if after_magic >= 0:
             after_magic += 1
@@ -64,7 +74,11 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> Non
         if type(f) is not bytes or len(f) >= ZERO_COPY_THRESHOLD:
             copy = False
             break
-    sock.send_multipart(frames, flags, copy=copy)
+    more = flags | _SNDMORE
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], more, copy)
+    _send(sock, frames[last], flags, copy)
 
 
 class AsyncSocket:
@@ -107,7 +121,7 @@ class AsyncSocket:
         sock = self.sock
         for _ in range(DRAIN_BATCH):
             try:
-                frames = recv_message(sock, zmq.NOBLOCK)
+                frames = recv_message(sock, NOBLOCK)
             except zmq.Again:
                 if self._outbox:
                     # A failed recv processes the socket's pending commands, which consumes the
@@ -138,19 +152,19 @@ class AsyncSocket:
         if self._closed:
             return
         try:
-            events = self.sock.getsockopt(zmq.EVENTS)
+            events = _get(self.sock, _EVENTS)
         except zmq.ZMQError:
             return
-        if self._outbox and events & zmq.POLLOUT:
+        if self._outbox and events & _POLLOUT:
             self._flush()
-            events = self.sock.getsockopt(zmq.EVENTS)  # sending may have let messages in unnoticed
-        if events & zmq.POLLIN:
+            events = _get(self.sock, _EVENTS)  # sending may have let messages in unnoticed
+        if events & _POLLIN:
             self._drain()
 
     def _flush(self) -> None:
         while self._outbox:
             try:
-                send_message(self.sock, self._outbox[0], zmq.NOBLOCK)
+                send_message(self.sock, self._outbox[0], NOBLOCK)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -168,7 +182,7 @@ class AsyncSocket:
             self._outbox.append(frames)
             return True
         try:
-            send_message(self.sock, frames, zmq.NOBLOCK)
+            send_message(self.sock, frames, NOBLOCK)
         except zmq.Again:
             if self.drop_when_full:
                 self.dropped += 1

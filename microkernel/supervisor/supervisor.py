@@ -150,6 +150,7 @@ class Supervisor:
         self._set(rec, rep, S.READY)
         rep.ready_event.set()
         startup_ms = (rep.ready_at_ns - (rep.started_at_ns or rep.ready_at_ns)) / 1e6
+        rep.pid = rep.pid or msg.pid
         log.info("%s ready in %.0f ms (pid %s)", rep.name, startup_ms, rep.pid)
         self.bus.emit(m.ServiceReady, service=rec.name, replica=rep.index, incarnation=rep.incarnation,
                       pid=rep.pid or 0, endpoint=msg.endpoint, startup_ms=startup_ms)
@@ -309,9 +310,15 @@ class Supervisor:
         )
         rep.started_at_ns = time.time_ns()
         rep.started_mono = time.monotonic()
+        rep.pid = None
+        key = rep.key
+        # Registered before the spawn is awaited: on a busy loop the child can send ready_request
+        # before this coroutine resumes, and it must find its replica.
+        self.live[key] = rep
         try:
             proc = await spawn(argv_for(spec), env=env, cwd=spec.cwd)
         except (SpawnError, OSError, ValueError) as exc:
+            self.live.pop(key, None)
             self._release_slot(rep)
             reason = ExitReason(kind="spawn_failed", detail=str(exc))
             log.error("%s could not be started: %s", rep.name, exc)
@@ -322,8 +329,6 @@ class Supervisor:
             # A stop arrived while we were spawning: it found no process to kill, so we do it.
             rep.kill_reason = rep.kill_reason or "stopped"
             self._spawn_task(kill_tree(proc, grace=spec.stop_timeout), name=f"kill:{rep.name}")
-        key = rep.key
-        self.live[key] = rep
         self.sentinel.track(proc.pid)
         # Liveness is tracked from the first heartbeat: before it (interpreter start, imports on a
         # loaded machine) the start timeout is what bounds a replica that never comes up.
@@ -336,7 +341,8 @@ class Supervisor:
                 self.bus.emit(m.ServiceReady, service=rec.name, replica=rep.index, incarnation=rep.incarnation,
                               pid=proc.pid, endpoint="", startup_ms=0.0)
             else:
-                self._set(rec, rep, S.STARTING, "waiting for readiness")
+                if rep.state is S.STARTING:  # (readiness may already have been announced)
+                    rep.detail = "waiting for readiness"
                 await self._await_readiness(rep, proc, exit_wait, spec)
                 self._free_start_slot(rep)
             returncode = await exit_wait
