@@ -219,19 +219,20 @@ def test_progress_messages_extend_the_start_timeout(short_tmp: str) -> None:
     config = """
 [services.slow]
 entry = "tests.fixtures.slow_ready:SlowReady"
-start_timeout = "1s"
+start_timeout = "3s"
+restart = "temporary"
 [services.slow.config]
-steps = 5
-step_s = 0.4
-extend_s = 1.0
+steps = 8
+step_s = 0.5
+extend_s = 2.0
 """
     with start_kernel(config, short_tmp) as k, Client(runtime_dir=k.runtime_dir) as c:
         with c.events("service.*", since_seq=0) as stream:
             progress = wait_event(stream, is_event("service.progress", "slow"))
-            assert _data(progress)["message"] == "loading 1/5"
+            assert _data(progress)["message"] == "loading 1/8"
             env = wait_event(stream, lambda e: e.msg_type in ("service.ready", "service.exited"))
-        assert env.msg_type == "service.ready", _data(env)  # 2 s of loading with a 1 s start timeout
-        assert _data(env)["startup_ms"] > 1000
+        assert env.msg_type == "service.ready", _data(env)  # 4 s of loading with a 3 s start timeout
+        assert _data(env)["startup_ms"] > 3000
 
 
 def _gone(pids: list[int]) -> list[int]:
