@@ -46,7 +46,6 @@ def socket_pair(ctx: zmq.Context, name: str) -> tuple[zmq.Socket, zmq.Socket]:
 
 def rpc_stages(ctx: zmq.Context) -> dict[str, float]:
     from protocols import messages, wire
-    from protocols.subscription import topic_matches  # noqa: F401
 
     out: dict[str, float] = {}
     req = messages.RpcRequest(method="echo", args={"text": PAYLOAD_TEXT})
@@ -68,7 +67,7 @@ def rpc_stages(ctx: zmq.Context) -> dict[str, float]:
     out["raw_msgpack_unpack"] = best_us(lambda: msgpack.unpackb(routed[-1]))
     packer = msgpack.Packer(use_bin_type=True)
     hdr = {"msg_id": b"0123456789abcdef", "msg_type": "rpc_request", "version": (1, 0), "sender": "bench",
-           "ts_ns": 1, "deadline_ns": 2}  # noqa: E501
+           "ts_ns": 1, "deadline_ns": 2}
     out["msgpack_packb_header"] = best_us(lambda: msgpack.packb(hdr, use_bin_type=True))
     out["msgpack_reused_packer_header"] = best_us(lambda: packer.pack(hdr))
     out["header_construct"] = best_us(lambda: wire.Header(
@@ -151,7 +150,9 @@ def dataplane_stages(ctx: zmq.Context) -> dict[str, float]:
 
 def lowlevel_frame_io() -> tuple[Any, Any]:
     """Multipart send/recv without pyzmq's Python-level sugar: int flags, the Cython base class's
-    ``send``/``recv`` and ``get(RCVMORE)`` (no enum conversions, no attribute lookups by name).
+    ``send``/``recv`` and ``get(RCVMORE)`` (no ``send_multipart`` type checks, no ``enum.Flag``
+    arithmetic per frame, no attribute lookups by name; ``get`` still converts the option to a
+    ``SocketOption`` enum inside pyzmq).
     Same frames and copy policy as ``protocols.transport`` (envelope copied, payload zero-copy).
     A reference for what the transport could cost, not used by the SDK.
     """

@@ -72,10 +72,10 @@ class Plan:
         self.rounds = 20 if quick else 60
         self.per_round = 150 if quick else 500
         self.warmup = 300 if quick else 2000
-        self.pipelined_n = 10_000 if quick else 50_000
+        self.pipelined_n = 8_000 if quick else 50_000
         self.pipelined_rounds = 2 if quick else 3
-        self.async_client_n = 3_000 if quick else 20_000
-        self.events_n = 20_000 if quick else 100_000
+        self.async_client_n = 2_000 if quick else 20_000
+        self.events_n = 15_000 if quick else 100_000
         self.events_rounds = 2 if quick else 3
         self.status_n = 300 if quick else 2000
         self.restarts = 10 if quick else 20
