@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -629,7 +628,3 @@ class Supervisor:
             for r in rec.replicas:
                 out[r.state.value] = out.get(r.state.value, 0) + 1
         return out
-
-    @property
-    def pid(self) -> int:
-        return os.getpid()

@@ -22,6 +22,8 @@ from typing import IO, Any, TypeVar
 
 import psutil
 import pytest
+
+from tests import processes
 import uvloop
 
 from microkernel.sentinel import Sentinel
@@ -151,26 +153,8 @@ def family_pids(info: dict[str, Any]) -> list[int]:
 
 
 def assert_all_gone(pids: Iterable[int]) -> None:
-    """Wait (ceiling CEILING) for ``pids`` to be gone; zombies count as gone, and ours get reaped.
-
-    psutil.wait_procs retries waitpid each round, so it copes with processes that become our children
-    (pytest is a subreaper) while it waits.
-    """
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=CEILING)
-    still = []
-    for p in alive:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                still.append(p.pid)
-        except psutil.NoSuchProcess:
-            continue
-    assert not still, f"still alive: {still}"
+    """Wait (ceiling CEILING) for ``pids`` to be gone."""
+    processes.assert_all_gone(pids, CEILING)
 
 
 def read_line(stream: IO[bytes] | None, timeout: float = CEILING) -> bytes:

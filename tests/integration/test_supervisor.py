@@ -18,6 +18,7 @@ from microkernel.client import Client
 from protocols import wire
 from protocols.errors import CallTimeout, MicrokernelError
 from tests.integration.conftest import start_kernel
+from tests.processes import assert_all_gone
 
 CEILING = 30.0
 
@@ -236,17 +237,6 @@ extend_s = 2.0
         assert _data(env)["startup_ms"] > 3000
 
 
-def _gone(pids: list[int]) -> list[int]:
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=CEILING)
-    return [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
-
-
 def test_stop_kills_the_whole_process_tree(short_tmp: str) -> None:
     config = """
 [services.tree]
@@ -261,7 +251,7 @@ count = 3
         assert len(pids) == 4
         reply = c.stop("tree")
         assert reply["state"] == "stopped"
-        assert _gone(pids) == []
+        assert_all_gone(pids, CEILING)
         assert c.status("tree")["services"][0]["replicas"][0]["last_exit"]["kind"] == "stopped"
 
 
@@ -281,7 +271,7 @@ command = ["sleep", "1000"]
         descendants = [p.pid for p in psutil.Process(k.proc.pid).children(recursive=True)]
         os.kill(k.proc.pid, signal.SIGKILL)
         k.proc.wait(timeout=CEILING)
-        assert _gone(sorted(set(pids + descendants))) == []
+        assert_all_gone(sorted(set(pids + descendants)), CEILING)
 
 
 def test_commands_on_different_services_do_not_block_each_other(short_tmp: str) -> None:
@@ -407,7 +397,7 @@ def test_scale_up_and_down(short_tmp: str) -> None:
         c.scale("w", 1)
         status = c.status("w")["services"][0]
         assert len(status["replicas"]) == 1 and status["replicas"][0]["pid"] == pids[0]
-        assert _gone(pids[1:]) == []
+        assert_all_gone(pids[1:], CEILING)
 
 
 def test_a_crashed_replica_leaves_no_grandchildren(short_tmp: str) -> None:
@@ -425,7 +415,7 @@ restart = "temporary"
             with contextlib.suppress(CallTimeout):
                 c.call("e", "exit", code=5, timeout=2.0)
             assert _data(wait_event(stream, is_event("service.exited", "e")))["reason"]["text"] == "exit(5)"
-        assert _gone([orphan]) == []
+        assert_all_gone([orphan], CEILING)
 
 
 def test_start_concurrency_queues_starts_without_timing_them_out(short_tmp: str) -> None:
