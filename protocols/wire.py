@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -23,7 +24,7 @@ import msgpack
 
 from protocols import messages
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.registry import build, class_for, fields_of, type_of
+from protocols.registry import body_getter, build, class_for, type_of
 
 MAGIC = b"MK1"
 PROTOCOL_VERSION = (1, 0)
@@ -122,26 +123,95 @@ def _externalize(obj: Any, buffers: list[Any]) -> Any:
     if t is bytearray or t is memoryview:
         buffers.append(obj)
         return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
-    array_interface = getattr(obj, "__array_interface__", None)
-    if array_interface is not None and hasattr(obj, "dtype"):
-        if not obj.flags["C_CONTIGUOUS"]:
-            obj = obj.copy(order="C")  # a frame must be one contiguous buffer
-        buffers.append(obj.data if obj.ndim else obj.reshape(1).data)
-        ref = [len(buffers) - 1, obj.dtype.str, list(obj.shape)]
-        return msgpack.ExtType(EXT_NDARRAY, msgpack.packb(ref))
-    return obj
+    ref = _array_ref(obj, buffers)
+    return obj if ref is None else ref
+
+
+def _array_ref(obj: Any, buffers: list[Any]) -> msgpack.ExtType | None:
+    """An NDARRAY reference for an array-like (numpy arrays and scalars), its data queued as a frame."""
+    if getattr(obj, "__array_interface__", None) is None or not hasattr(obj, "dtype"):
+        return None
+    if not obj.flags["C_CONTIGUOUS"]:
+        obj = obj.copy(order="C")  # a frame must be one contiguous buffer
+    buffers.append(obj.data if obj.ndim else obj.reshape(1).data)
+    return msgpack.ExtType(EXT_NDARRAY, msgpack.packb([len(buffers) - 1, obj.dtype.str, list(obj.shape)]))
+
+
+def _has_large_binary(body: dict[str, Any]) -> bool:
+    """Whether a value of ``body``, or of a map or array directly inside it, must become a frame.
+
+    Cheap pre-check for the common shapes (``args``/``result`` holding a blob or a map of blobs).
+    Arrays never need it (the packer's ``default`` hook takes them at any depth); a large binary
+    nested deeper is caught after packing by the size of the result (see ``_pack_body``).
+    """
+    for v in body.values():
+        t = type(v)
+        if t is bytes:
+            if len(v) >= INLINE_BYTES_LIMIT:
+                return True
+        elif t is bytearray or t is memoryview:
+            if memoryview(v).nbytes >= INLINE_BYTES_LIMIT:
+                return True
+        elif t is dict or t is list or t is tuple:
+            for x in (v.values() if t is dict else v):
+                tx = type(x)
+                if (tx is bytes or tx is bytearray or tx is memoryview) and memoryview(x).nbytes >= INLINE_BYTES_LIMIT:
+                    return True
+    return False
+
+
+class _Packers(threading.local):
+    """Per-thread msgpack packers, reused: ``msgpack.packb`` allocates a fresh 1 MiB buffer per call.
+
+    The body packer's ``default`` hook turns arrays (numpy arrays and scalars) into NDARRAY
+    references, appending their data to ``buffers`` (reset before every body).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: list[Any] = []
+        self.header = msgpack.Packer(use_bin_type=True)
+        self.body = msgpack.Packer(use_bin_type=True, default=self._default)
+
+    def _default(self, obj: Any) -> Any:
+        ref = _array_ref(obj, self.buffers)
+        if ref is None:
+            raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+        return ref
+
+
+_packers = _Packers()
+
+
+def _pack_body(body: dict[str, Any]) -> tuple[bytes, list[Any]]:
+    """msgpack bytes of ``body`` and its buffer frames.
+
+    Packing first and walking only when needed: most bodies are small maps of scalars, for which a
+    Python-level walk looking for binaries would cost more than the packing itself. Binaries below
+    ``INLINE_BYTES_LIMIT`` are inlined as msgpack ``bin`` (allowed by the spec); a packed body that
+    reaches the limit may hold a large binary, so it is re-encoded with the walk (one extra copy,
+    only for deeply nested large binaries that ``_has_large_binary`` does not see).
+    """
+    p = _packers
+    if not _has_large_binary(body):
+        p.buffers = buffers = []
+        packed = p.body.pack(body)
+        if len(packed) < INLINE_BYTES_LIMIT:
+            return packed, buffers
+    p.buffers = buffers = []
+    packed = p.body.pack(_externalize(body, buffers))
+    return packed, buffers
 
 
 def pack(obj: Any) -> bytes:
     """msgpack-encode a plain value (no buffers); used for headers and small bodies."""
-    return msgpack.packb(obj, use_bin_type=True)
+    return _packers.header.pack(obj)
 
 
 def body_of(message_obj: Any) -> dict[str, Any]:
     """The msgpack map of a registered message instance (or the data of an ``Event``)."""
     if type(message_obj) is Event:
         return message_obj.data
-    return {name: getattr(message_obj, name) for name in fields_of(type(message_obj))}
+    return body_getter(type(message_obj))(message_obj)
 
 
 def msg_type_of(message_obj: Any) -> str:
@@ -163,7 +233,11 @@ def encode(
     topic: str | None = None,
 ) -> list[Any]:
     """Frames for ``message_obj``: routing ids (or the topic), MAGIC, header, body, buffers."""
-    msg_type = msg_type_of(message_obj)
+    if type(message_obj) is Event:
+        msg_type, body = message_obj.name, message_obj.data
+    else:
+        msg_type = type_of(message_obj)
+        body = body_getter(type(message_obj))(message_obj)
     header: dict[str, Any] = {
         "msg_id": msg_id or new_msg_id(),
         "msg_type": msg_type,
@@ -177,15 +251,15 @@ def encode(
         header["deadline_ns"] = deadline_ns
     if status is not None:
         header["status"] = status
-    buffers: list[Any] = []
-    body = _externalize(body_of(message_obj), buffers)
+    packed, buffers = _pack_body(body)
     frames: list[Any] = list(routing)
     if topic is not None:
         frames.append(topic.encode())
     frames.append(MAGIC)
-    frames.append(msgpack.packb(header, use_bin_type=True))
-    frames.append(msgpack.packb(body, use_bin_type=True))
-    frames.extend(buffers)
+    frames.append(_packers.header.pack(header))
+    frames.append(packed)
+    if buffers:
+        frames.extend(buffers)
     return frames
 
 
@@ -244,15 +318,40 @@ def _view(frame: Any) -> memoryview:
     return view.toreadonly() if not view.readonly else view
 
 
+_new_header = tuple.__new__
+_STATUSES = (STATUS_OK, STATUS_ERROR)
+_MAJOR = PROTOCOL_VERSION[0]
+
+
 def _decode_header(raw: Any) -> Header:
     try:
-        h = msgpack.unpackb(raw, raw=False, use_list=True)
+        h = msgpack.unpackb(raw, raw=False, use_list=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(ErrorCode.MALFORMED, f"header is not valid msgpack: {exc}") from None
+    if type(h) is dict:
+        # The common case in one expression; any doubt goes to the checks that explain the problem.
+        get = h.get
+        msg_id, msg_type, version, sender, ts_ns = get("msg_id"), get("msg_type"), get("version"), get("sender"), get("ts_ns")
+        parent_id, deadline_ns, status = get("parent_id"), get("deadline_ns"), get("status")
+        if (
+            type(msg_id) is bytes and 0 < len(msg_id) <= 64 and type(msg_type) is str and msg_type
+            and type(sender) is str and type(ts_ns) is int
+            and type(version) is tuple and len(version) == 2 and version[0] == _MAJOR
+            and type(version[0]) is int and type(version[1]) is int
+            and (parent_id is None or type(parent_id) is bytes)
+            and (deadline_ns is None or type(deadline_ns) is int)
+            and (status is None or status in _STATUSES)
+        ):
+            return _new_header(Header, (msg_id, msg_type, version, sender, ts_ns, parent_id, deadline_ns, status))
+    return _check_header(h)
+
+
+def _check_header(h: Any) -> Header:
+    """The header checks one by one, raising the error that names the problem."""
     if not isinstance(h, dict):
         raise ProtocolError(ErrorCode.MALFORMED, "header must be a map")
     version = h.get("version")
-    if type(version) is not list or len(version) != 2 or type(version[0]) is not int or type(version[1]) is not int:
+    if not isinstance(version, (list, tuple)) or len(version) != 2 or type(version[0]) is not int or type(version[1]) is not int:
         raise ProtocolError(ErrorCode.MALFORMED, "header.version must be [major, minor]")
     if version[0] != PROTOCOL_VERSION[0]:
         err = ProtocolError(
@@ -289,6 +388,13 @@ def _loose_header(h: dict[str, Any]) -> Header | None:
     return Header(msg_id=msg_id, msg_type=msg_type, version=PROTOCOL_VERSION, sender=str(h.get("sender", "")), ts_ns=0)
 
 
+def _no_buffers_hook(code: int, data: bytes) -> Any:
+    """The ext hook of a message without buffer frames: a reference can only be malformed."""
+    if code == EXT_BUFFER or code == EXT_NDARRAY:
+        raise ProtocolError(ErrorCode.MALFORMED, "buffer reference with no buffer frames in the message")
+    return msgpack.ExtType(code, data)
+
+
 def _ext_hook_for(buffers: list[Any]):
     def hook(code: int, data: bytes) -> Any:
         if code == EXT_BUFFER:
@@ -322,46 +428,50 @@ def _array(view: memoryview, dtype: str, shape: tuple[int, ...]) -> Any:
         raise ProtocolError(ErrorCode.MALFORMED, f"ndarray frame does not match dtype {dtype} shape {list(shape)}: {exc}") from None
 
 
+def _locate(frames: Sequence[Any], topic: bool) -> tuple[int, list[bytes], str | None]:
+    """Index of the MK1 frame, the routing ids before it, and the topic on pub/sub."""
+    n = len(frames)
+    if topic:
+        if n < 4:
+            raise ProtocolError(ErrorCode.MALFORMED, f"expected at least 4 frames (topic, MK1, header, body), got {n}")
+        if _as_bytes(frames[1]) != MAGIC:
+            raise ProtocolError(ErrorCode.MALFORMED, "frame after the topic must be b'MK1'")
+        return 1, [], _as_bytes(frames[0]).decode("utf-8", "replace")
+    # Fast paths: a DEALER sees MK1 first, a ROUTER sees one routing id then MK1.
+    if n > 1:
+        first = frames[0]
+        if type(first) is bytes:
+            if first == MAGIC:
+                return 0, [], None
+            if frames[1] == MAGIC:
+                return 1, [first], None
+    routing: list[bytes] = []
+    for i in range(min(n, 8)):
+        f = frames[i]
+        if _nbytes(f) == 3 and _as_bytes(f) == MAGIC:
+            return i, routing, None
+        routing.append(_as_bytes(f))
+    err = ProtocolError(ErrorCode.MALFORMED, "no b'MK1' protocol frame in the message")
+    err.routing = routing[:1]  # type: ignore[attr-defined]
+    raise err
+
+
 def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None = None) -> Envelope:
     """Parse and validate one inbound multipart message.
 
     Raises ``ProtocolError``; when the header could be read the exception carries it as
     ``.header`` (and the routing ids as ``.routing``) so the caller can address an error reply.
     """
-    routing: list[bytes] = []
-    if topic:
-        if len(frames) < 4:
-            raise ProtocolError(ErrorCode.MALFORMED, f"expected at least 4 frames (topic, MK1, header, body), got {len(frames)}")
-        topic_name = _as_bytes(frames[0]).decode("utf-8", "replace")
-        start = 1
-        if _as_bytes(frames[1]) != MAGIC:
-            raise ProtocolError(ErrorCode.MALFORMED, "frame after the topic must be b'MK1'")
-    else:
-        topic_name = None
-        start = -1
-        # Fast paths: a DEALER sees MK1 first, a ROUTER sees one routing id then MK1.
-        first = frames[0] if frames else b""
-        if type(first) is bytes and first == MAGIC:
-            start = 0
-        elif len(frames) > 1 and type(frames[1]) is bytes and frames[1] == MAGIC:
-            start = 1
-            routing.append(_as_bytes(first))
-        for i in range(min(len(frames), 8) if start < 0 else 0):
-            f = frames[i]
-            if _nbytes(f) == 3 and _as_bytes(f) == MAGIC:
-                start = i
-                break
-            routing.append(_as_bytes(f))
-        if start < 0:
-            err = ProtocolError(ErrorCode.MALFORMED, "no b'MK1' protocol frame in the message")
-            err.routing = routing[:1]  # type: ignore[attr-defined]
-            raise err
-    if len(frames) - start < 3:
+    start, routing, topic_name = _locate(frames, topic)
+    n = len(frames)
+    if n - start < 3:
         err = ProtocolError(ErrorCode.MALFORMED, "message ends before the header and body frames")
         err.routing = routing  # type: ignore[attr-defined]
         raise err
     if max_size is not None:
-        total = sum(_nbytes(f) for f in frames)
+        total = 0
+        for f in frames:
+            total += len(f) if type(f) is bytes else _nbytes(f)
         if total > max_size:
             err = ProtocolError(ErrorCode.TOO_LARGE, f"message of {total} bytes exceeds the limit of {max_size} bytes")
             err.routing = routing  # type: ignore[attr-defined]
@@ -375,29 +485,30 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
     except ProtocolError as err:
         err.routing = routing  # type: ignore[attr-defined]
         raise
-    buffers = list(frames[start + 3:])
+    buffers = list(frames[start + 3:]) if n > start + 3 else []
     try:
-        try:
-            body = msgpack.unpackb(frames[start + 2], raw=False, use_list=True, ext_hook=_ext_hook_for(buffers))
-        except ProtocolError:
-            raise
-        except Exception as exc:
-            raise ProtocolError(ErrorCode.MALFORMED, f"body of {header.msg_type} is not valid msgpack: {exc}") from None
-        if header.status == STATUS_ERROR:
-            message_obj: Any = build(messages.ErrorReply, body)
-        else:
-            cls = class_for(header.msg_type)
-            if cls is None:
-                if topic_name is not None or "." in header.msg_type:
-                    if not isinstance(body, dict):
-                        raise ProtocolError(ErrorCode.MALFORMED, f"body of event {header.msg_type} must be a map")
-                    message_obj = Event(header.msg_type, body)
-                else:
-                    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown msg_type {header.msg_type!r}")
-            else:
-                message_obj = build(cls, body)
+        message_obj = _decode_body(frames[start + 2], header, buffers, topic_name)
     except ProtocolError as err:
         err.routing = routing  # type: ignore[attr-defined]
         err.header = header  # type: ignore[attr-defined]
         raise
-    return Envelope(routing=routing, header=header, message=message_obj, buffers=buffers, topic=topic_name)
+    return Envelope(routing, header, message_obj, buffers, topic_name)
+
+
+def _decode_body(raw: Any, header: Header, buffers: list[Any], topic_name: str | None) -> Any:
+    try:
+        body = msgpack.unpackb(raw, raw=False, ext_hook=_ext_hook_for(buffers) if buffers else _no_buffers_hook)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"body of {header.msg_type} is not valid msgpack: {exc}") from None
+    if header.status == STATUS_ERROR:
+        return build(messages.ErrorReply, body)
+    cls = class_for(header.msg_type)
+    if cls is not None:
+        return build(cls, body)
+    if topic_name is not None or "." in header.msg_type:
+        if type(body) is not dict:
+            raise ProtocolError(ErrorCode.MALFORMED, f"body of event {header.msg_type} must be a map")
+        return Event(header.msg_type, body)
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown msg_type {header.msg_type!r}")
