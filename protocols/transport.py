@@ -35,6 +35,7 @@ _SNDTIMEO = int(zmq.SNDTIMEO)
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+_MAGIC = wire.MAGIC
 # The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
 # a Python frame, a type check and enum arithmetic per frame (several µs per message on small VMs).
 _BaseSocket = zmq.Socket.__mro__[1]
@@ -49,20 +50,24 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
 
     Routing ids, the topic, ``MK1``, the header and the body are small and parsed at once, so
     they are copied; every frame after the body is a binary buffer (a tensor, a blob) and is
-    received as a ``zmq.Frame`` whose memory is shared with ZeroMQ, never copied.
+    kept as the received ``zmq.Frame``, whose memory is shared with ZeroMQ, never copied.
+    Frames are received as ``zmq.Frame`` because ``Frame.more`` is a field read, where asking
+    the socket for ``RCVMORE`` is a system-call-priced option lookup per frame.
     """
-    frame = _recv(sock, flags)
-    frames = [frame]
-    after_magic = 0 if frame == wire.MAGIC else -1
-    while _get(sock, _RCVMORE):
+    frame = _recv(sock, flags, False)
+    data = frame.bytes
+    frames = [data]
+    after_magic = 0 if data == _MAGIC else -1
+    while frame.more:
+        frame = _recv(sock, 0, False)
         if after_magic >= 2:
-            frames.append(_recv(sock, 0, False))
+            frames.append(frame)
             continue
-        frame = _recv(sock, 0)
-        frames.append(frame)
+        data = frame.bytes
+        frames.append(data)
         if after_magic >= 0:
             after_magic += 1
-        elif frame == wire.MAGIC:
+        elif data == _MAGIC:
             after_magic = 0
     return frames
 
@@ -105,6 +110,7 @@ class AsyncSocket:
         self._fd = sock.getsockopt(zmq.FD)
         self._outbox: collections.deque[Sequence[Any]] = collections.deque()
         self._check_pending = False
+        self._draining = False
         self._closed = False
         self.dropped = 0
         self.loop.add_reader(self._fd, self._on_ready)
@@ -114,31 +120,37 @@ class AsyncSocket:
     def _on_ready(self) -> None:
         if self._closed:
             return
-        self._flush()
-        self._drain()
+        self._check()
 
     def _drain(self) -> None:
+        """Receive and handle messages; the caller has just seen POLLIN in EVENTS."""
+        # Ask EVENTS before every further receive rather than receiving until EAGAIN: a failed receive
+        # raises zmq.Again, which costs several times more than the option lookup. Reading
+        # EVENTS also re-arms the edge-triggered FD, so nothing can arrive unnoticed after it.
         sock = self.sock
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = recv_message(sock, NOBLOCK)
-            except zmq.Again:
-                if self._outbox:
-                    # A failed recv processes the socket's pending commands, which consumes the
-                    # FD's edge; one of them may have made the socket writable (a connection
-                    # completed). Re-check EVENTS rather than wait for an edge that already passed.
-                    self._schedule_check()
-                return
-            except zmq.ZMQError as exc:
-                if self._closed or exc.errno == zmq.ENOTSOCK:
+        self._draining = True
+        try:
+            for i in range(DRAIN_BATCH):
+                try:
+                    if i and not _get(sock, _EVENTS) & _POLLIN:
+                        return
+                    frames = recv_message(sock, NOBLOCK)
+                except zmq.Again:
                     return
-                raise
-            try:
-                self.on_message(frames)
-            except Exception:  # a handler bug must not kill the socket's reader
-                log.exception("unhandled error while processing a message")
-            if self._closed:
-                return
+                except zmq.ZMQError as exc:
+                    if self._closed or exc.errno == zmq.ENOTSOCK:
+                        return
+                    raise
+                try:
+                    self.on_message(frames)
+                except Exception:  # a handler bug must not kill the socket's reader
+                    log.exception("unhandled error while processing a message")
+                if self._closed:
+                    return
+                if self._outbox:
+                    self._flush()
+        finally:
+            self._draining = False
         # More may be queued: yield to the loop so other sockets get a turn, then continue.
         self._schedule_check()
 
@@ -193,7 +205,9 @@ class AsyncSocket:
                 self.dropped += 1
                 return False
             raise
-        self._schedule_check()
+        if not self._draining:
+            # A send may consume the FD's edge; inside a drain the next EVENTS read covers it.
+            self._schedule_check()
         return True
 
     @property
