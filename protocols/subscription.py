@@ -25,7 +25,7 @@ import zmq
 
 from protocols import wire
 from protocols.errors import CallTimeout, ProtocolError
-from protocols.transport import AsyncSocket, recv_message
+from protocols.transport import NOBLOCK, AsyncSocket, recv_message
 
 log = logging.getLogger("microkernel.subscription")
 
@@ -46,6 +46,26 @@ def topic_matches(patterns: Sequence[str], topic: str) -> bool:
     if topic.startswith(INTERNAL_PREFIX):
         return False
     return any(p == topic or fnmatch.fnmatchcase(topic, p) for p in patterns)
+
+
+class TopicMatcher:
+    """``topic_matches`` for fixed patterns, remembering the answer per topic (topics repeat)."""
+
+    __slots__ = ("patterns", "_known")
+
+    _LIMIT = 4096  # distinct topics remembered; past it the memory starts over
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.patterns = tuple(patterns)
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, topic: str) -> bool:
+        known = self._known.get(topic)
+        if known is None:
+            if len(self._known) >= self._LIMIT:
+                self._known.clear()
+            known = self._known[topic] = topic_matches(self.patterns, topic)
+        return known
 
 
 def _new_token() -> str:
@@ -71,6 +91,7 @@ class AsyncSubscriber:
         max_size: int | None = None,
     ) -> None:
         self.patterns = list(patterns)
+        self._matches = TopicMatcher(self.patterns)
         self.on_event = on_event
         self.max_size = max_size
         self._token = _new_token()
@@ -94,7 +115,7 @@ class AsyncSubscriber:
             if not self._live.done():
                 self._live.set_result(env.message)
             return
-        if topic_matches(self.patterns, topic):
+        if self._matches(topic):
             self.on_event(env)
 
     async def wait_live(self, timeout: float = 10.0) -> None:
@@ -131,6 +152,7 @@ class SyncSubscriber:
         _subscribe(self.sock, self.patterns, token)
         self.sock.connect(endpoint)
         self._backlog: list[wire.Envelope] = []
+        self._matches = TopicMatcher(self.patterns)
         self._wait_live(timeout)
 
     def _wait_live(self, timeout: float) -> None:
@@ -145,11 +167,11 @@ class SyncSubscriber:
                 continue
             if env.topic == self._welcome_topic:
                 return
-            if topic_matches(self.patterns, env.topic or env.msg_type):
+            if self._matches(env.topic or env.msg_type):
                 self._backlog.append(env)
 
-    def _recv(self) -> wire.Envelope | None:
-        frames = recv_message(self.sock)
+    def _recv(self, flags: int = 0) -> wire.Envelope | None:
+        frames = recv_message(self.sock, flags)
         try:
             return wire.decode(frames, topic=True, max_size=self.max_size)
         except ProtocolError as exc:
@@ -162,12 +184,18 @@ class SyncSubscriber:
             return self._backlog.pop(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
-                    return None
-            env = self._recv()
-            if env is not None and topic_matches(self.patterns, env.topic or env.msg_type):
+            if deadline is None:
+                env = self._recv()
+            else:
+                # Events come in bursts: try the queue first and poll only when it is empty.
+                try:
+                    env = self._recv(NOBLOCK)
+                except zmq.Again:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                        return None
+                    continue
+            if env is not None and self._matches(env.topic or env.msg_type):
                 return env
 
     def __iter__(self) -> Iterator[wire.Envelope]:
