@@ -5,10 +5,10 @@ A message on the wire is a ZeroMQ multipart message::
     [*routing_ids, b"MK1", header, body, *buffers]          (request/reply sockets)
     [topic, b"MK1", header, body, *buffers]                 (pub/sub)
 
-``header`` and ``body`` are msgpack maps. Binary payloads (numpy arrays, memoryviews,
-bytearrays, ``bytes`` of 64 KiB or more) are not copied into the body: they travel as extra
-frames, sent with ``copy=False``, and the body holds a msgpack extension that points at the
-frame. Decoding gives read-only views of the received frames, never copies. No pickle.
+``header`` and ``body`` are msgpack maps. Arrays (numpy arrays and scalars) and binaries of
+64 KiB or more (``bytes``, ``bytearray``, ``memoryview``) are not copied into the body: they
+travel as extra frames, sent with ``copy=False``, and the body holds a msgpack extension that
+points at the frame; smaller binaries are inlined as msgpack ``bin``. Decoding gives read-only views of the received frames, never copies. No pickle.
 """
 
 from __future__ import annotations
@@ -273,6 +273,23 @@ def reply_type(request_type: str) -> str:
 def encode_reply(request: Header, message_obj: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
     """An ``ok`` reply correlated to ``request`` (parent_id = the request's msg_id)."""
     return encode(message_obj, sender=sender, parent_id=request.msg_id, status=STATUS_OK, routing=routing)
+
+
+def encode_result(request: Header, result: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
+    """``encode_reply(request, RpcReply(result=result), ...)``, for the data plane's hot path."""
+    packed, buffers = _pack_body({"result": result})
+    header = _packers.header.pack({
+        "msg_id": new_msg_id(),
+        "msg_type": "rpc_reply",
+        "version": PROTOCOL_VERSION,
+        "sender": sender,
+        "ts_ns": time.time_ns(),
+        "parent_id": request.msg_id,
+        "status": STATUS_OK,
+    })
+    if buffers:
+        return [*routing, MAGIC, header, packed, *buffers]
+    return [*routing, MAGIC, header, packed]
 
 
 def encode_error(

@@ -163,12 +163,11 @@ class DataPlane:
 
     def _reply(self, env: wire.Envelope, method: str, result: Any) -> None:
         try:
-            frames = wire.encode_reply(env.header, messages.RpcReply(result=result), sender=self.sender, routing=env.routing)
+            frames = wire.encode_result(env.header, result, sender=self.sender, routing=env.routing)
         except (TypeError, ValueError, OverflowError):
             # Torch tensors (or other non-msgpack values): convert, and report what still fails.
             try:
-                frames = wire.encode_reply(env.header, messages.RpcReply(result=portable(result)),
-                                           sender=self.sender, routing=env.routing)
+                frames = wire.encode_result(env.header, portable(result), sender=self.sender, routing=env.routing)
             except (TypeError, ValueError, OverflowError) as exc:
                 self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
                 return

@@ -86,6 +86,30 @@ def test_arrays_and_large_binaries_travel_as_zero_copy_frames() -> None:
     assert out["small"] == b"y"
 
 
+def test_deeply_nested_large_binaries_and_arrays_still_become_frames() -> None:
+    # Below the top two levels the encoder finds large binaries by the packed size, arrays by
+    # the packer's hook: both must still travel as frames, never inlined.
+    big = bytes(range(256)) * ((wire.INLINE_BYTES_LIMIT // 256) + 1)
+    arr = np.arange(6, dtype=np.int16)
+    frames = wire.encode(m.RpcReply(result={"a": {"b": [{"blob": big, "arr": arr}]}}), sender="s")
+    assert len(frames) == 3 + 2
+    inner = wire.decode(frames).message.result["a"]["b"][0]
+    assert isinstance(inner["blob"], memoryview) and inner["blob"] == big
+    np.testing.assert_array_equal(inner["arr"], arr)
+
+
+@given(result=msgpack_values)
+@settings(max_examples=150, deadline=None)
+def test_encode_result_is_an_rpc_reply(result) -> None:
+    req = wire.decode([b"peer", *wire.encode(m.RpcRequest(method="f"), sender="c")])
+    frames = wire.encode_result(req.header, result, sender="svc[0]", routing=req.routing)
+    assert frames[0] == b"peer"
+    env = wire.decode(frames)
+    assert env.routing == [b"peer"] and env.msg_type == "rpc_reply" and env.header.status == "ok"
+    assert env.header.parent_id == req.header.msg_id and env.header.sender == "svc[0]"
+    assert env.message == wire.decode(wire.encode_reply(req.header, m.RpcReply(result=result), sender="svc[0]")).message
+
+
 def test_non_contiguous_and_scalar_arrays() -> None:
     arr = np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2]
     scalar = np.float64(2.5).reshape(())
