@@ -19,6 +19,17 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final, TypeVar
 
+from microkernel.config_resources import (
+    DEFAULT_MEMORY_POOL,
+    DEFAULT_MEMORY_PRESSURE,
+    DEFAULT_SAMPLE_INTERVAL,
+    check_env,
+    parse_gpu_settings,
+    parse_memory_pool,
+    parse_memory_pressure,
+    parse_service_resources,
+)
+from microkernel.resources.gpu import GpuSettings
 from microkernel.supervisor.policy import DependencyCycle
 from microkernel.supervisor.policy import start_order as _start_order
 from microkernel.supervisor.spec import BackoffSpec, GroupSpec, ReadyMode, RestartType, ServiceSpec, Strategy
@@ -45,15 +56,16 @@ _ENTRY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _ENTRY_POINT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 
-_TOP_KEYS = ("kernel", "services", "groups")
+_TOP_KEYS = ("kernel", "services", "groups", "gpu")
 _KERNEL_KEYS = (
     "runtime_dir", "heartbeat_interval", "heartbeat_liveness", "max_message_size",
     "event_history", "shutdown_timeout", "log_level", "thread_pool_size", "start_concurrency",
+    "memory_pool", "memory_pressure", "memory_sample_interval",
 )  # fmt: skip
 _SERVICE_KEYS = (
     "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
     "env", "cwd", "autostart", "intensity", "period", "backoff", "ready", "heartbeat",
-    "python", "config",
+    "python", "config", "memory", "priority", "cpus", "gpu",
 )  # fmt: skip
 _BACKOFF_KEYS = ("initial", "factor", "max", "reset_after")
 _GROUP_KEYS = ("strategy", "services", "intensity", "period")
@@ -95,6 +107,12 @@ class KernelSettings:
     start_concurrency: int = field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
     """How many replicas may be between spawn and readiness at once (a start storm of hundreds
     of interpreters on a few cores would otherwise push them all past their start timeouts)."""
+    memory_pool: str | int = DEFAULT_MEMORY_POOL
+    """Admission pool for hard memory budgets: a share of host RAM (``"80%"``) or a size."""
+    memory_pressure: float = DEFAULT_MEMORY_PRESSURE
+    """Fraction of host RAM in use above which the pressure guard kills a victim."""
+    memory_sample_interval: float = DEFAULT_SAMPLE_INTERVAL
+    """Seconds between two samples of every replica's process tree; 0 disables sampling."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +122,7 @@ class KernelConfig:
     kernel: KernelSettings = field(default_factory=KernelSettings)
     services: dict[str, ServiceSpec] = field(default_factory=dict)
     groups: dict[str, GroupSpec] = field(default_factory=dict)
+    gpu: GpuSettings = field(default_factory=GpuSettings)
     source: str = "<string>"
 
     def start_order(self) -> list[str]:
@@ -146,13 +165,15 @@ def parse_config(text: str, *, source: str = "<string>") -> KernelConfig:
     top = _Table(reader, (), document)
     top.check_keys(_TOP_KEYS)
     kernel = _parse_kernel(top.table("kernel"))
+    gpu = parse_gpu_settings(top.table("gpu"))
     services_table = top.table("services") or _Table(reader, ("services",), {})
-    services = {name: _parse_service(services_table, name) for name in services_table.data}
+    sampling = kernel.memory_sample_interval > 0
+    services = {name: _parse_service(services_table, name, sampling=sampling) for name in services_table.data}
     groups_table = top.table("groups") or _Table(reader, ("groups",), {})
     groups = {name: _parse_group(groups_table, name, services) for name in groups_table.data}
     _check_dependencies(reader, services)
     services = _assign_groups(reader, services, groups)
-    return KernelConfig(kernel=kernel, services=services, groups=groups, source=source)
+    return KernelConfig(kernel=kernel, services=services, groups=groups, gpu=gpu, source=source)
 
 
 # --- sections --------------------------------------------------------------------------------
@@ -177,10 +198,13 @@ def _parse_kernel(table: _Table | None) -> KernelSettings:
         log_level=log_level,
         thread_pool_size=table.integer("thread_pool_size", defaults.thread_pool_size, minimum=1),
         start_concurrency=table.integer("start_concurrency", defaults.start_concurrency, minimum=1),
+        memory_pool=parse_memory_pool(table, defaults.memory_pool),
+        memory_pressure=parse_memory_pressure(table, defaults.memory_pressure),
+        memory_sample_interval=table.duration("memory_sample_interval", defaults.memory_sample_interval),
     )
 
 
-def _parse_service(services: _Table, name: str) -> ServiceSpec:
+def _parse_service(services: _Table, name: str, *, sampling: bool = True) -> ServiceSpec:
     if not SERVICE_NAME_RE.fullmatch(name):
         raise services.error(name, f"invalid service name {name!r}: {_NAME_RULE}")
     table = services.required_table(name)
@@ -204,6 +228,9 @@ def _parse_service(services: _Table, name: str) -> ServiceSpec:
     if python is not None and entry is None:
         raise table.error("python", "python only applies to entry services; put the interpreter in command instead")
 
+    env = table.string_map("env")
+    check_env(table, env)
+    resources = parse_service_resources(table, sampling=sampling)
     backoff_table = table.table("backoff")
     config_table = table.table("config")
     if config_table is not None:
@@ -218,7 +245,7 @@ def _parse_service(services: _Table, name: str) -> ServiceSpec:
             depends_on=table.string_list("depends_on", unique=True) or (),
             start_timeout=table.duration("start_timeout", defaults.start_timeout, positive=True),
             stop_timeout=table.duration("stop_timeout", defaults.stop_timeout),
-            env=table.string_map("env"),
+            env=env,
             cwd=table.optional_string("cwd", nonempty=True),
             autostart=table.boolean("autostart", defaults.autostart),
             intensity=table.integer("intensity", defaults.intensity, minimum=0),
@@ -228,6 +255,7 @@ def _parse_service(services: _Table, name: str) -> ServiceSpec:
             heartbeat=table.boolean("heartbeat", entry is not None),
             config={} if config_table is None else dict(config_table.data),
             python=python,
+            resources=resources,
         )
     except ValueError as exc:  # pragma: no cover - the checks above are meant to catch everything first
         raise table.error(None, str(exc)) from None
@@ -330,6 +358,15 @@ class _Reader:
 
     def error(self, path: _Path, message: str) -> ConfigError:
         return ConfigError(message, key=_dotted(path) or None, line=self._locator.find(path), source=self.source)
+
+    def error_at(self, path: tuple[str | int, ...], message: str) -> ConfigError:
+        """Like :meth:`error` for a path through arrays of tables: ``("gpu", "device", 1, "memory")``
+        is shown as ``gpu.device[1].memory``."""
+        key = ""
+        for part in path:
+            key += f"[{part}]" if isinstance(part, int) else (f".{_dotted((part,))}" if key else _dotted((part,)))
+        located = tuple(f"[{p}]" if isinstance(p, int) else p for p in path)
+        return ConfigError(message, key=key or None, line=self._locator.find(located), source=self.source)
 
 
 class _Table:
@@ -501,6 +538,7 @@ class _LineLocator:
         self._implicit: dict[_Path, int] = {}
         table: _Path = ()
         open_string: str | None = None
+        arrays: dict[_Path, int] = {}  # [[array]] header -> how many seen so far
         # tomllib counts lines by "\n" only; str.splitlines() would also split on \x0b, \u2028, ...
         for number, line in enumerate(text.split("\n"), start=1):
             if open_string is not None:
@@ -518,6 +556,10 @@ class _LineLocator:
                 if parsed is not None and rest.startswith(closing) and rest[len(closing) :].lstrip()[:1] in ("", "#"):
                     table = parsed[0]
                     self._record(table, number)
+                    if start == 2:  # each element of an array of tables is addressed as "[i]"
+                        index = arrays[table] = arrays.get(table, -1) + 1
+                        table = (*table, f"[{index}]")
+                        self._record(table, number)
                 continue
             parsed = _dotted_key(stripped, 0)
             if parsed is None or not stripped[parsed[1] :].startswith("="):

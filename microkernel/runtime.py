@@ -20,6 +20,8 @@ from microkernel.bus.control import ControlRouter
 from microkernel.bus.events import EventBus
 from microkernel.config import KernelConfig
 from microkernel.handlers import all_handlers
+from microkernel.resources.manager import ResourceManager
+from microkernel.resources.monitor import Monitor
 from microkernel.rundir import RuntimeDir
 from microkernel.sentinel import Sentinel
 from microkernel.supervisor.supervisor import Supervisor
@@ -49,6 +51,7 @@ class Kernel:
         self._stop_reason: str | None = None
         self._stop = asyncio.Event()
         self.bus: EventBus
+        self.resources: ResourceManager
         self.supervisor: Supervisor
         self.control: ControlRouter
 
@@ -69,6 +72,7 @@ class Kernel:
             "replicas": self.supervisor.counts(),
             "shutting_down": self.supervisor.shutting_down,
             "thread_pool_size": self.settings.thread_pool_size,
+            "resources": self.resources.summary(),
         }
 
     def request_shutdown(self, reason: str) -> None:
@@ -89,9 +93,9 @@ class Kernel:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.set_default_executor(
-            ThreadPoolExecutor(max_workers=self.settings.thread_pool_size, thread_name_prefix="mk-io")
-        )
+        # The kernel's one bounded pool for blocking work (psutil, /proc, NVML, cgroup files).
+        pool = ThreadPoolExecutor(max_workers=self.settings.thread_pool_size, thread_name_prefix="mk-io")
+        loop.set_default_executor(pool)
         self.rundir.acquire()
         ctx = zmq.Context()
         sentinel = Sentinel()
@@ -100,8 +104,11 @@ class Kernel:
             self.bus = EventBus(ctx, events_in=self.endpoints.events_in, events_out=self.endpoints.events_out,
                                 history=self.settings.event_history)
             board = HeartbeatBoard.create(self.rundir.path / BOARD_FILE, BOARD_SLOTS)
+            self.resources = ResourceManager(self.config, bus=self.bus, executor=pool)
+            await self.resources.start()
             self.supervisor = Supervisor(self.config, bus=self.bus, sentinel=sentinel, endpoints=self.endpoints,
-                                         runtime_dir=self.rundir.path, board=board)
+                                         runtime_dir=self.rundir.path, resources=self.resources, board=board)
+            monitor = Monitor(self.resources, self.supervisor)
             self.control = ControlRouter(ctx, self.endpoints.control, handlers=all_handlers(), kernel=self,
                                          max_size=self.settings.max_message_size)
             for signum, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
@@ -114,11 +121,14 @@ class Kernel:
                 watchers = [
                     tg.create_task(self.supervisor.watch_heartbeats(), name="heartbeats"),
                     tg.create_task(self._watch_sentinel(sentinel), name="sentinel"),
+                    tg.create_task(monitor.run_sampling(), name="resource-sampling"),
+                    tg.create_task(monitor.run_audit(), name="gpu-audit"),
                 ]
                 await self.supervisor.start_all()
                 await self._stop.wait()
                 self.bus.emit(m.KernelStopping, reason=self._stop_reason or "")
                 await self.supervisor.shutdown(time.monotonic() + self.settings.shutdown_timeout)
+                self.resources.close()
                 for task in watchers:
                     task.cancel()
             await self.control.drain(timeout=1.0)

@@ -206,6 +206,72 @@ class ShutdownReply:
     services: int
 
 
+# --- control plane: resources (clients and services -> kernel) -----------------------------------
+
+
+@message("lease_acquire_request")
+@_frozen
+class LeaseAcquireRequest:
+    """Ask for a GPU lease at run time: ``count`` devices with ``memory`` bytes each (0 = whole devices).
+
+    The holder is the sender: a service replica (its lease is bound to the replica's process) or a
+    client connection. ``timeout`` (seconds) bounds the wait in the queue: ``None`` waits until
+    shortly before the request's deadline, ``0`` only tries now. ``pid`` binds a client's lease to
+    one of its processes: the kernel releases it when that process exits.
+    """
+
+    count: int = 1
+    memory: int = 0
+    mode: str = "exclusive"
+    priority: int = 0
+    timeout: float | None = None
+    pid: int | None = None
+
+
+@message("lease_acquire_reply")
+@_frozen
+class LeaseAcquireReply:
+    """The granted lease, and the environment that makes it real in a process started with it."""
+
+    lease: dict[str, Any]
+    env: dict[str, str]
+
+
+@message("lease_release_request")
+@_frozen
+class LeaseReleaseRequest:
+    """Give a lease back (any holder may release a lease by id)."""
+
+    lease_id: str
+
+
+@message("lease_release_reply")
+@_frozen
+class LeaseReleaseReply:
+    """Whether the lease was held (false: unknown or already released)."""
+
+    released: bool
+
+
+@message("leases_request")
+@_frozen
+class LeasesRequest:
+    """The GPU inventory, every lease and every queued request (``mkctl leases``)."""
+
+
+@message("leases_reply")
+@_frozen
+class LeasesReply:
+    """Devices with their usage, leases, holders and waiters; ``source`` is where the devices came from."""
+
+    source: str
+    devices: list[dict[str, Any]]
+    leases: list[dict[str, Any]]
+    holders: dict[str, Any]
+    waiters: list[dict[str, Any]]
+    skipped: dict[str, Any] = field(default_factory=dict)
+
+
 # --- control plane: services -> kernel ---------------------------------------------------------
 
 
@@ -432,6 +498,96 @@ class SupervisorEscalated:
     group: str
     service: str
     reason: str
+
+
+@message("budget.exceeded")
+@_frozen
+class BudgetExceeded:
+    """A replica's process tree went above its soft (``limit = "soft"``, an early warning) or hard
+    (``limit = "hard"``, the replica is killed: ``action = "kill"``) memory budget. Sizes in bytes."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    rss: int
+    soft: int | None = None
+    hard: int | None = None
+    limit: str
+    action: str
+
+
+@message("budget.cleared")
+@_frozen
+class BudgetCleared:
+    """A replica above its soft budget fell back below it (minus the hysteresis band)."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    rss: int
+    soft: int | None = None
+    hard: int | None = None
+
+
+@message("memory.pressure")
+@_frozen
+class MemoryPressure:
+    """Host RAM in use went above ``kernel.memory_pressure``: the guard kills this victim."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    incarnation: int
+    pid: int
+    priority: int
+    rss: int
+    soft: int | None = None
+    hard: int | None = None
+    budget: int | None = None
+    excess: int
+    host_total: int
+    host_available: int
+    used_fraction: float
+    threshold_fraction: float
+    candidates: int
+    reason: str
+
+
+@message("lease.violated")
+@_frozen
+class LeaseViolated:
+    """NVML shows a replica on a device it does not lease, or above its lease's budget there."""
+
+    seq: int = 0
+    kind: str
+    holder: str
+    pids: list[int]
+    device: str
+    used: int
+    budget: int
+    slack: int
+    over: int
+    leases: list[str]
+    action: str
+
+
+@message("lease.free_timed_out")
+@_frozen
+class LeaseFreeTimedOut:
+    """A dead replica's device memory was still held after ``gpu.free_timeout``; ``action`` says
+    whether its replacement starts anyway (``start``) or the service fails (``fail``)."""
+
+    seq: int = 0
+    service: str
+    replica: int
+    devices: dict[str, int]
+    waited_s: float
+    action: str
+    error: str = ""
 
 
 @message("kernel.welcome")

@@ -43,14 +43,22 @@ Rules of the road:
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar, overload
 
+from services.environment import GpuLease, gpu_lease
 from services.handlers import RPC_MARK, SUBSCRIBE_MARK, declarations_of
+from protocols import messages
 from protocols.subscription import INTERNAL_PREFIX
 
-__all__ = ["Service", "rpc", "subscribe"]
+__all__ = ["GpuLease", "Service", "rpc", "subscribe"]
+
+# How much longer than a lease request may queue in the kernel the SDK waits for its reply.
+_LEASE_REPLY_MARGIN_S = 2.0
+_CONTROL_TIMEOUT_S = 10.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -179,9 +187,14 @@ class Service:
         return self._rt.log
 
     @property
-    def lease(self) -> None:
-        """The replica's resource lease (GPU devices, budgets). Not implemented yet: always None."""
-        return None
+    def lease(self) -> GpuLease | None:
+        """The replica's static GPU lease (``gpu = {...}`` in its config), ``None`` without one.
+
+        Its devices are this process's ``CUDA_VISIBLE_DEVICES`` (``cuda:0`` is ``lease.devices[0]``);
+        when torch was imported by the service's module, the runner has already applied
+        ``lease.fractions`` with ``torch.cuda.set_per_process_memory_fraction``.
+        """
+        return _static_lease()
 
     # --- lifecycle hooks ----------------------------------------------------------------------
 
@@ -223,8 +236,55 @@ class Service:
         """Stop this replica gracefully (as on SIGTERM); the process exits with ``exit_code``."""
         self._rt.request_stop(exit_code)
 
+    # --- run-time GPU leases -------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, count: int = 1, memory: int = 0, mode: str = "exclusive", *, priority: int = 0,
+        timeout: float | None = 30.0,
+    ) -> GpuLease:
+        """Ask the kernel for another GPU lease: ``count`` devices with ``memory`` bytes each.
+
+        ``memory = 0`` asks for whole devices (``exclusive`` only). Waits in the kernel's fair queue
+        up to ``timeout`` seconds (0: only try now) and raises ``RemoteError`` (code ``timeout``)
+        when not granted in time. The lease is bound to this replica's process: it is released
+        when the process exits, or by :meth:`release_lease`. A running process cannot change its
+        own ``CUDA_VISIBLE_DEVICES`` once CUDA is initialised: start a worker process with
+        ``lease.env`` in its environment (or use the devices before touching CUDA).
+        """
+        request = messages.LeaseAcquireRequest(count=count, memory=memory, mode=mode, priority=priority,
+                                               timeout=timeout)
+        wait = _CONTROL_TIMEOUT_S if timeout is None else timeout + _LEASE_REPLY_MARGIN_S
+        reply = await self._control_request(request, wait)
+        lease = gpu_lease(reply.env)
+        assert lease is not None, "the kernel granted a lease without its environment"
+        return lease
+
+    async def release_lease(self, lease: GpuLease | str) -> bool:
+        """Give a run-time lease back; False if it was not held any more."""
+        lease_id = lease if isinstance(lease, str) else lease.id
+        reply = await self._control_request(messages.LeaseReleaseRequest(lease_id=lease_id), _CONTROL_TIMEOUT_S)
+        return bool(reply.released)
+
+    async def _control_request(self, message: Any, timeout: float) -> Any:
+        """One request to the kernel on this replica's control connection (its identity names the holder)."""
+        runtime = self._rt
+        request = getattr(runtime, "control_request", None)
+        if request is not None:
+            return await request(message, timeout)
+        control = getattr(runtime, "_control", None)
+        if control is None:
+            raise RuntimeError("the replica runtime has no control connection to the kernel")
+        env = await control.request(message, timeout=timeout)
+        return env.message
+
     def __repr__(self) -> str:
         runtime = self._runtime
         if runtime is None:
             return f"<{type(self).__name__} (not attached)>"
         return f"<{type(self).__name__} {runtime.service}[{runtime.replica}] incarnation {runtime.incarnation}>"
+
+
+@functools.cache
+def _static_lease() -> GpuLease | None:
+    # The environment of a replica does not change after it started: parse it once.
+    return gpu_lease(os.environ)

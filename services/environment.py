@@ -2,7 +2,8 @@
 
 The kernel makes a service real through its child's environment (see ``docs/protocol.md`` and the
 kernel's ``supervisor/launch.py``); this module is the one place that reads it back, validates it
-and reports every problem at once, naming the variables.
+and reports every problem at once, naming the variables. That includes the replica's resources:
+its GPU lease (``MK_GPU_LEASE``, ``MK_GPU_MEMORY_FRACTION``) and its CPU budget (``MK_CPU_THREADS``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+LEASE_ENV = "MK_GPU_LEASE"
+FRACTION_ENV = "MK_GPU_MEMORY_FRACTION"
+CPU_THREADS_ENV = "MK_CPU_THREADS"
 
 REQUIRED = (
     "MK_SERVICE",
@@ -130,3 +135,59 @@ class ReplicaEnvironment:
             heartbeat_board=environ.get("MK_HEARTBEAT_BOARD") or None,
             heartbeat_slot=heartbeat_slot,
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuLease:
+    """A GPU lease as a replica sees it (``Service.lease``, ``Service.acquire_lease``).
+
+    ``devices`` are UUIDs in ``CUDA_VISIBLE_DEVICES`` order (``cuda:i`` is ``devices[i]`` in a
+    process started with :attr:`env`); ``memory[i]`` is the byte budget on ``devices[i]`` and
+    ``fractions[i]`` that budget as a share of the device. ``env`` is the environment that makes
+    the lease real in a process started with it.
+    """
+
+    id: str
+    devices: tuple[str, ...]
+    memory: tuple[int, ...]
+    mode: str
+    fractions: tuple[float, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain (JSON- and msgpack-ready) form."""
+        return {"id": self.id, "devices": list(self.devices), "memory": list(self.memory), "mode": self.mode,
+                "fractions": list(self.fractions), "env": dict(self.env)}
+
+
+def gpu_lease(environ: Mapping[str, str]) -> GpuLease | None:
+    """The lease described by ``environ`` (``MK_GPU_LEASE`` and ``MK_GPU_MEMORY_FRACTION``); ``None``
+    without one. Raises ``ValueError`` when the variables are malformed."""
+    raw = environ.get(LEASE_ENV, "")
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+        devices = tuple(str(d) for d in data["devices"])
+        memory = tuple(int(b) for b in data["memory"])
+        lease_id, mode = str(data["id"]), str(data["mode"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{LEASE_ENV}={raw!r} is not a lease: {exc}") from None
+    fractions_raw = environ.get(FRACTION_ENV, "")
+    try:
+        fractions = tuple(float(f) for f in fractions_raw.split(",")) if fractions_raw else ()
+    except ValueError:
+        raise ValueError(f"{FRACTION_ENV}={fractions_raw!r} is not a list of fractions") from None
+    keys = ("CUDA_VISIBLE_DEVICES", LEASE_ENV, FRACTION_ENV)
+    env = {k: environ[k] for k in keys if k in environ}
+    return GpuLease(id=lease_id, devices=devices, memory=memory, mode=mode, fractions=fractions, env=env)
+
+
+def cpu_threads(environ: Mapping[str, str]) -> int | None:
+    """The replica's CPU budget in threads (``MK_CPU_THREADS``), ``None`` without one."""
+    raw = environ.get(CPU_THREADS_ENV, "")
+    try:
+        value = int(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None

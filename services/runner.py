@@ -4,6 +4,11 @@
 ``microkernel.services`` group. The runner reads the ``MK_*`` environment the kernel set, ties
 its life to the kernel's, configures logging and runs one replica on one event loop.
 
+Before any of the service's code runs (after its module is imported, before ``setup``), the
+runner applies the replica's resource budgets to torch when the module imported it: the CPU
+budget with ``torch.set_num_threads`` and the GPU lease's memory fractions with
+``torch.cuda.set_per_process_memory_fraction`` (see :func:`apply_resource_limits`).
+
 Exit status: 0 after a graceful stop, 1 when setup (or teardown) failed, 2 when the entry or
 the environment is unusable (the reason is printed on stderr).
 """
@@ -18,11 +23,11 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from services.base import Service
-from services.environment import EnvironmentProblem, ReplicaEnvironment
+from services.environment import EnvironmentProblem, ReplicaEnvironment, cpu_threads, gpu_lease
 from services.logs import configure
 
 ENTRY_POINT_GROUP = "microkernel.services"
@@ -110,6 +115,48 @@ def tie_to_kernel(kernel_pid: int | None) -> bool:
     return True
 
 
+def apply_resource_limits(
+    environ: Mapping[str, str] = os.environ, modules: MutableMapping[str, Any] = sys.modules
+) -> list[str]:
+    """Apply the replica's CPU and GPU budgets to torch, if (and only if) torch is already imported.
+
+    Never imports torch itself (that costs seconds and a CUDA-capable import must stay the
+    service's choice); a service that imports torch later can call this again. Returns what was
+    applied, for the log. Errors are reported, not raised: a budget torch cannot take must not
+    keep the service from starting (the kernel still enforces it from outside).
+    """
+    torch = modules.get("torch")
+    if torch is None:
+        return []
+    applied: list[str] = []
+    threads = cpu_threads(environ)
+    if threads is not None:
+        try:
+            torch.set_num_threads(threads)
+            applied.append(f"torch.set_num_threads({threads})")
+        except Exception as exc:  # a torch build without the call, or a bad value
+            applied.append(f"torch.set_num_threads({threads}) failed: {exc}")
+    try:
+        lease = gpu_lease(environ)
+    except ValueError as exc:
+        return [*applied, f"GPU lease not applied: {exc}"]
+    if lease is None or not lease.fractions:
+        return applied
+    try:
+        cuda = torch.cuda.is_available()
+    except Exception as exc:
+        return [*applied, f"GPU lease not applied: torch.cuda.is_available() failed: {exc}"]
+    if not cuda:
+        return [*applied, "GPU lease not applied: torch sees no CUDA device"]
+    for index, fraction in enumerate(lease.fractions):
+        try:
+            torch.cuda.set_per_process_memory_fraction(fraction, index)
+            applied.append(f"torch.cuda.set_per_process_memory_fraction({fraction}, {index})")
+        except Exception as exc:
+            applied.append(f"torch.cuda.set_per_process_memory_fraction({fraction}, {index}) failed: {exc}")
+    return applied
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
@@ -123,6 +170,8 @@ def run_replica(service_cls: type[Service], env: ReplicaEnvironment) -> int:
     from services.replica import ReplicaRuntime  # imported here: keeps `--help` and entry errors fast
 
     log = configure(env.service, env.replica, env.log_level)
+    for step in apply_resource_limits():
+        log.info("resource budget: %s", step)
     runtime = ReplicaRuntime(service_cls, env, log)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(runtime.run())

@@ -3,6 +3,9 @@
 from microkernel.handlers import (  # noqa: F401  (imported for registration)
     events,
     heartbeat,
+    lease_acquire,
+    lease_release,
+    leases,
     list_services,
     lookup,
     ping,

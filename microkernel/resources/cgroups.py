@@ -2,7 +2,7 @@
 
 With a cgroup the kernel enforces ``memory.max`` itself (no 250 ms sampling window for a fast
 allocation to slip through) and counts OOM kills per replica, so an exit can be reported as ``oom``
-rather than a bare ``signal(9)``. Without one, sampling (:mod:`microkernel.resources.memory`) is the
+rather than a bare ``signal(9)``. Without one, sampling (:mod:`microkernel.resources.sampling`) is the
 only enforcement; :func:`detect` says which, and why, for ``mkctl status``.
 
 Layout under the daemon's cgroup ``<root>`` (under systemd: ``Delegate=yes`` in the unit)::

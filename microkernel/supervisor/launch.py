@@ -36,9 +36,16 @@ def environment_for(
     max_message_size: int,
     log_level: str,
     extra: Mapping[str, str] = (),  # type: ignore[assignment]
+    defaults: Mapping[str, str] = (),  # type: ignore[assignment]
 ) -> tuple[dict[str, str], str]:
-    """The child's environment and the data-plane endpoint it must bind."""
+    """The child's environment and the data-plane endpoint it must bind.
+
+    Precedence, lowest first: the daemon's environment, ``defaults`` (derived settings a service
+    may override, such as thread counts), the service's ``env``, the ``MK_*`` variables, ``extra``
+    (what the kernel decides, such as the GPU lease).
+    """
     env = dict(os.environ)
+    env.update(defaults)
     env.update(spec.env)
     endpoint = service_endpoint(runtime_dir, spec.name, replica, incarnation)
     env.update(

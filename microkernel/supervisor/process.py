@@ -118,11 +118,14 @@ class SpawnError(OSError):
         return str(self.filename)
 
 
-def _child_setup_for(parent_pid: int, ignored: tuple[int, ...]) -> Callable[[], None]:
+def _child_setup_for(
+    parent_pid: int, ignored: tuple[int, ...], cpus: frozenset[int] | None = None, cgroup_procs: str | None = None
+) -> Callable[[], None]:
     """Build the ``preexec_fn`` run in the forked child, before exec.
 
     Everything it needs is computed in the parent so the child only makes syscalls.
     """
+    join = b"0"  # written to cgroup.procs, "0" means the writing process
 
     def child_setup() -> None:
         if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -137,6 +140,16 @@ def _child_setup_for(parent_pid: int, ignored: tuple[int, ...]) -> Callable[[], 
         for signum in ignored:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        # Resource placement before exec, so nothing the child starts can escape it: threads and
+        # processes inherit the affinity, and children are born in their parent's cgroup.
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if cgroup_procs is not None:
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            try:
+                os.write(fd, join)
+            finally:
+                os.close(fd)
 
     return child_setup
 
@@ -164,12 +177,15 @@ async def spawn(
     stdout: Redirect = None,
     stderr: Redirect = None,
     pass_fds: Sequence[int] = (),
+    cpus: Iterable[int] | None = None,
+    cgroup: str | os.PathLike[str] | None = None,
 ) -> Child:
     """Start ``argv`` as a supervised child that cannot outlive this process.
 
     The child runs in a new session (so its pgid is its pid and :func:`kill_tree` can signal the whole
     group) with ``PR_SET_PDEATHSIG(SIGKILL)``. ``env`` is the child's complete environment. Must be
-    awaited on a loop running in a long-lived thread (see the module docstring).
+    awaited on a loop running in a long-lived thread (see the module docstring). ``cpus`` sets the
+    child's CPU affinity and ``cgroup`` (a cgroup v2 directory) the cgroup it joins, both before exec.
 
     Raises:
         SpawnError: the program could not be executed (``errno`` tells why).
@@ -191,7 +207,12 @@ async def spawn(
             stderr=stderr,
             pass_fds=tuple(pass_fds),
             start_new_session=True,
-            preexec_fn=_child_setup_for(os.getpid(), _ignored_signals()),
+            preexec_fn=_child_setup_for(
+                os.getpid(),
+                _ignored_signals(),
+                frozenset(cpus) if cpus is not None else None,
+                os.path.join(cgroup, "cgroup.procs") if cgroup is not None else None,
+            ),
         )
     except OSError as exc:
         reason = exc.strerror or str(exc)

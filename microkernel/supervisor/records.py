@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microkernel.supervisor.backoff import Backoff
 from microkernel.supervisor.intensity import RestartWindow
 from microkernel.supervisor.reasons import ExitReason
 from microkernel.supervisor.spec import ReadyMode, ServiceSpec
 from microkernel.supervisor.states import ReplicaState, check_transition
+
+if TYPE_CHECKING:
+    from microkernel.resources.manager import ExitFacts
 
 S = ReplicaState
 
@@ -44,6 +48,9 @@ class ReplicaRecord:
     restarts: int = 0
     last_exit: ExitReason | None = None
     kill_reason: str | None = None
+    kill_detail: str = ""
+    exit_facts: ExitFacts | None = None
+    """What the resource manager released when the last process exited (restart-after-free)."""
     stop_requested: bool = False
     task: asyncio.Task[None] | None = None
     ready_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -134,8 +141,13 @@ class ServiceRecord:
                 return candidate.value
         return S.STOPPED.value
 
-    def to_status(self) -> dict[str, Any]:
+    def to_status(self, replica_extra: Callable[[ReplicaRecord], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The *ServiceStatus* map; ``replica_extra`` adds fields to each replica's map (resources)."""
         spec = self.spec
+        replicas = [r.to_status() for r in self.replicas]
+        if replica_extra is not None:
+            for rep, entry in zip(self.replicas, replicas, strict=True):
+                entry.update(replica_extra(rep))
         return {
             "name": spec.name,
             "state": self.aggregate_state(),
@@ -145,7 +157,8 @@ class ServiceRecord:
             "group": spec.group,
             "depends_on": list(spec.depends_on),
             "entry": spec.entry if spec.entry is not None else " ".join(spec.command or ()),
-            "replicas": [r.to_status() for r in self.replicas],
+            "resources": spec.resources.to_wire(),
+            "replicas": replicas,
         }
 
     def to_summary(self) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from microkernel.resources.budgets import ServiceResources
+
 __all__ = [
     "BackoffSpec",
     "GroupSpec",
@@ -110,6 +112,8 @@ class ServiceSpec:
     group: str | None = None
     python: str | None = None
     """Interpreter for entries; ``None`` means the daemon's own ``sys.executable``."""
+    resources: ServiceResources = field(default_factory=ServiceResources)
+    """Memory budget, priority, CPUs and GPU lease (see ``docs/resources.md``)."""
 
     def __post_init__(self) -> None:
         if (self.entry is None) == (self.command is None):

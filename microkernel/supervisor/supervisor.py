@@ -26,6 +26,9 @@ from protocols.errors import ErrorCode, MicrokernelError
 from microkernel.bus.events import EventBus
 from microkernel.bus.heartbeat import Liveness
 from microkernel.config import KernelConfig
+from microkernel.resources.leases import LeaseError
+from microkernel.resources.manager import Placement, ResourceManager, holder_of
+from microkernel.resources.monitor import Target
 from microkernel.sentinel import Sentinel
 from microkernel.supervisor.backoff import Backoff
 from microkernel.supervisor.intensity import RestartWindow
@@ -62,9 +65,11 @@ class Supervisor:
         sentinel: Sentinel,
         endpoints: KernelEndpoints,
         runtime_dir: Path,
+        resources: ResourceManager,
         board: HeartbeatBoard | None = None,
     ) -> None:
         self.config = config
+        self.resources = resources
         self.settings = config.kernel
         self.bus = bus
         self.sentinel = sentinel
@@ -172,6 +177,7 @@ class Supervisor:
             return
         rep.stop_requested = False
         rep.kill_reason = None
+        rep.kill_detail = ""
         rep.wakeup = asyncio.Event()
         rep.task = self._spawn_task(self._replica_main(rec, rep), name=f"replica:{rep.name}")
 
@@ -217,6 +223,12 @@ class Supervisor:
                 if group is not None and not group.window.add(now):
                     self._spawn_task(self._escalate(group, rec, reason), name=f"escalate:{group.spec.name}")
                     return
+                facts = rep.exit_facts
+                if facts is not None and facts.released and not await self.resources.wait_gpu_freed(
+                    rec.name, rep.index, facts
+                ):
+                    await self._fail_service(rec, rep, "the device memory of its last process was not freed in time")
+                    return
                 rep.restarts += 1
                 rec.restarts += 1
                 for sibling in siblings_to_restart(group.spec if group else None, spec.name):
@@ -249,15 +261,55 @@ class Supervisor:
         rep.methods = []
         rep.ready_event = asyncio.Event()
         rep.ready_at_ns = None
+        rep.kill_detail = ""
+        rep.exit_facts = None
         self._set(rec, rep, S.STARTING, "queued for a start slot" if self._start_slots.locked() else "spawning")
         self.bus.emit(m.ServiceStarting, service=rec.name, replica=rep.index, incarnation=rep.incarnation)
+        placement = await self._place(rec, rep)
+        if isinstance(placement, ExitReason):
+            return self._exited(rec, rep, placement, pid=0, uptime=0.0)
         if not await self._acquire_start_slot(rep):
+            self.resources.abandon(placement)
             reason = ExitReason(kind="stopped", detail="stopped before it was spawned")
             return self._exited(rec, rep, reason, pid=0, uptime=0.0)
         try:
-            return await self._spawn_and_supervise(rec, rep)
+            return await self._spawn_and_supervise(rec, rep, placement)
         finally:
             self._free_start_slot(rep)
+
+    async def _place(self, rec: ServiceRecord, rep: ReplicaRecord) -> Placement | ExitReason:
+        """The replica's resources (its GPU lease may be waited for); an ExitReason when there are none."""
+        spec = rec.spec
+        res = spec.resources
+        if not self.resources.needs_waiting(res):
+            return self.resources.place_now(spec.name, rep.index, res)
+        if res.gpu is not None:
+            rep.detail = "waiting for a GPU lease"
+        placing = asyncio.ensure_future(
+            self.resources.place(spec.name, rep.index, rep.incarnation, res, timeout=spec.start_timeout)
+        )
+        stop = asyncio.ensure_future(rep.wakeup.wait())
+        try:
+            await asyncio.wait({placing, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not placing.done():
+                placing.cancel()
+                await asyncio.wait({placing})
+        if placing.cancelled():
+            return ExitReason(kind="stopped", detail="stopped while waiting for its resources")
+        exc = placing.exception()
+        if isinstance(exc, LeaseError):
+            log.warning("%s: no GPU lease: %s", rep.name, exc.reason)
+            return ExitReason(kind="spawn_failed", detail=f"no GPU lease: {exc.reason}")
+        if isinstance(exc, OSError):
+            log.error("%s: cannot set up its cgroup: %s", rep.name, exc)
+            return ExitReason(kind="spawn_failed", detail=f"cannot set up its cgroup: {exc}")
+        placement = placing.result()
+        if rep.stop_requested or self.shutting_down:
+            self.resources.abandon(placement)
+            return ExitReason(kind="stopped", detail="stopped while waiting for its resources")
+        return placement
 
     async def _acquire_start_slot(self, rep: ReplicaRecord) -> bool:
         """Wait for one of the ``start_concurrency`` slots; False if the replica was stopped meanwhile."""
@@ -285,7 +337,7 @@ class Supervisor:
             rep.holds_start_slot = False
             self._start_slots.release()
 
-    async def _spawn_and_supervise(self, rec: ServiceRecord, rep: ReplicaRecord) -> ExitReason:
+    async def _spawn_and_supervise(self, rec: ServiceRecord, rep: ReplicaRecord, placement: Placement) -> ExitReason:
         spec = rec.spec
         rep.detail = "spawning"
         extra = dict(self.sentinel.marker_env)
@@ -305,7 +357,8 @@ class Supervisor:
             heartbeat_interval=self.settings.heartbeat_interval,
             max_message_size=self.settings.max_message_size,
             log_level=self.settings.log_level,
-            extra=extra,
+            extra={**extra, **placement.env},
+            defaults=placement.defaults,
         )
         rep.started_at_ns = time.time_ns()
         rep.started_mono = time.monotonic()
@@ -315,15 +368,17 @@ class Supervisor:
         # before this coroutine resumes, and it must find its replica.
         self.live[key] = rep
         try:
-            proc = await spawn(argv_for(spec), env=env, cwd=spec.cwd)
+            proc = await spawn(argv_for(spec), env=env, cwd=spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
         except (SpawnError, OSError, ValueError) as exc:
             self.live.pop(key, None)
+            self.resources.abandon(placement)
             self._release_slot(rep)
             reason = ExitReason(kind="spawn_failed", detail=str(exc))
             log.error("%s could not be started: %s", rep.name, exc)
             return self._exited(rec, rep, reason, pid=0, uptime=0.0)
         rep.proc = proc
         rep.pid = proc.pid
+        self.resources.spawned(key, proc.pid, placement)
         if rep.stop_requested or self.shutting_down:
             # A stop arrived while we were spawning: it found no process to kill, so we do it.
             rep.kill_reason = rep.kill_reason or "stopped"
@@ -350,6 +405,7 @@ class Supervisor:
                 exit_wait.cancel()
             # Also when it exited on its own: whatever it left behind in its group dies with it.
             await kill_tree(proc, grace=0)
+            rep.exit_facts = self.resources.exited(key, proc.pid, placement)
             self._release_slot(rep)
             self.live.pop(key, None)
             self.liveness.forget(key)
@@ -360,7 +416,10 @@ class Supervisor:
                     path.unlink()
                 except OSError:
                     pass
-        reason = ExitReason.from_returncode(returncode, requested=rep.kill_reason)
+        requested, detail = rep.kill_reason, rep.kill_detail
+        if requested is None and rep.exit_facts is not None and rep.exit_facts.oom:
+            requested, detail = "oom", "killed by the kernel's OOM killer at its cgroup's memory.max"
+        reason = ExitReason.from_returncode(returncode, requested=requested, detail=detail)
         uptime = time.monotonic() - rep.started_mono
         return self._exited(rec, rep, reason, pid=proc.pid, uptime=uptime)
 
@@ -422,6 +481,7 @@ class Supervisor:
         self._set(rec, rep, S.FAILED, why)
         others = [r for r in rec.replicas if r is not rep]
         await asyncio.gather(*(self._stop_replica(rec, r) for r in others))
+        self.resources.release_slots(rec.name, range(len(rec.replicas)))
         rec.refresh()
         self.bus.emit(m.ServiceFailed, service=rec.name, reason=why)
 
@@ -434,6 +494,7 @@ class Supervisor:
             rec = self.services[name]
             async with rec.lock:
                 await self._stop_service_locked(rec)
+                self.resources.release_slots(name, range(len(rec.replicas)))
                 rec.failed = True
                 rec.refresh()
             self.bus.emit(m.ServiceFailed, service=name, reason=why)
@@ -462,9 +523,20 @@ class Supervisor:
     # --- commands ------------------------------------------------------------------------------
 
     async def start_all(self) -> None:
-        """Start every autostart service; dependencies gate each replica, not this call."""
+        """Start every autostart service; dependencies gate each replica, not this call.
+
+        A service whose hard memory budget does not fit the pool is not started at all (its
+        replicas say why); the others start.
+        """
         for name, rec in self.services.items():
             if rec.spec.autostart:
+                try:
+                    self.resources.admit(name, rec.spec.resources, range(rec.desired))
+                except MicrokernelError as exc:
+                    log.error("not starting %s: %s", name, exc.reason)
+                    for rep in rec.replicas:
+                        rep.detail = f"not started: {exc.reason}"
+                    continue
                 for rep in rec.replicas[: rec.desired]:
                     self._launch(rec, rep)
 
@@ -473,6 +545,7 @@ class Supervisor:
         if self.shutting_down:
             raise MicrokernelError(ErrorCode.SHUTTING_DOWN, "the kernel is shutting down")
         async with rec.lock:
+            self.resources.admit(name, rec.spec.resources, range(rec.desired))
             if rec.failed:
                 rec.failed = False
                 rec.window.reset()
@@ -490,6 +563,7 @@ class Supervisor:
         rec = self.service(name)
         async with rec.lock:
             await self._stop_service_locked(rec)
+            self.resources.release_slots(name, range(len(rec.replicas)))
             rec.refresh()
         self.bus.emit(m.ServiceStopped, service=name)
         return rec.aggregate_state()
@@ -498,6 +572,7 @@ class Supervisor:
         rec = self.service(name)
         log.info("restarting %s (%s)", name, cause)
         async with rec.lock:
+            self.resources.admit(name, rec.spec.resources, range(rec.desired))
             await self._stop_service_locked(rec)
             if self.shutting_down:
                 return rec.aggregate_state()
@@ -519,11 +594,14 @@ class Supervisor:
             running = any(r.task is not None and not r.task.done() for r in rec.replicas) or (
                 rec.spec.autostart and not rec.failed and previous == 0
             )
+            if running and not self.shutting_down:
+                self.resources.admit(name, rec.spec.resources, range(replicas))
             rec.desired = replicas
             while len(rec.replicas) < replicas:
                 rec.replicas.append(self._new_replica(rec.spec, len(rec.replicas)))
             surplus = rec.replicas[replicas:]
             await asyncio.gather(*(self._stop_replica(rec, r) for r in surplus))
+            self.resources.release_slots(name, (r.index for r in surplus))
             del rec.replicas[replicas:]
             if running and not self.shutting_down:
                 for rep in rec.replicas:
@@ -549,13 +627,38 @@ class Supervisor:
             except TimeoutError:
                 return
 
-    def kill_replica(self, rep: ReplicaRecord, reason: str) -> None:
-        """Kill a live replica's whole tree at once; its driver then applies the restart policy."""
+    def kill_replica(self, rep: ReplicaRecord, reason: str, detail: str = "") -> bool:
+        """Kill a live replica's whole tree at once; its driver then applies the restart policy.
+
+        False when there is nothing to kill (no process, already exited, stopping, or already
+        being killed by the kernel).
+        """
         proc = rep.proc
-        if proc is None or proc.returncode is not None or rep.state is S.STOPPING:
-            return
+        if proc is None or proc.returncode is not None or rep.state is S.STOPPING or rep.kill_reason is not None:
+            return False
         rep.kill_reason = reason
+        rep.kill_detail = detail
         self._spawn_task(kill_tree(proc, grace=0), name=f"kill:{rep.name}")
+        return True
+
+    # --- what the resource monitor needs -------------------------------------------------------
+
+    def sample_targets(self) -> list[Target]:
+        """Every replica with a live process, for the resource monitor."""
+        targets = []
+        for key, rep in self.live.items():
+            proc = rep.proc
+            if proc is None or proc.returncode is not None or rep.pid is None:
+                continue
+            spec = self.services[rep.service].spec
+            targets.append(Target(key=key, pid=rep.pid, resources=spec.resources,
+                                  started_at_ns=rep.started_at_ns or 0))
+        return targets
+
+    def kill_for_resources(self, key: tuple[str, int, int], detail: str) -> bool:
+        """Kill one replica over a budget, host pressure or a lease violation (exit reason ``budget``)."""
+        rep = self.live.get(key)
+        return rep is not None and self.kill_replica(rep, "budget", detail)
 
     async def watch_heartbeats(self) -> None:
         """Kill replicas that missed ``heartbeat_liveness`` consecutive heartbeats."""
@@ -613,7 +716,11 @@ class Supervisor:
 
     def status(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
         recs = self.services.values() if names is None else [self.service(n) for n in names]
-        return [r.to_status() for r in recs]
+        return [r.to_status(self._replica_resources) for r in recs]
+
+    def _replica_resources(self, rep: ReplicaRecord) -> dict[str, Any]:
+        key = rep.key if rep.key in self.live else None
+        return self.resources.replica_view(key, holder_of(rep.service, rep.index))
 
     def lookup(self, name: str) -> m.LookupReply:
         rec = self.service(name)

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from microkernel.resources.gpu import Device, GpuConfigError
+from microkernel.resources.broker import LeaseBroker
 from microkernel.resources.leases import (
     GpuSpec,
     Lease,
-    LeaseBroker,
     LeaseCancelled,
     LeaseImpossible,
     LeaseMode,

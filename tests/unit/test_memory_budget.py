@@ -28,11 +28,9 @@ from microkernel.resources.memory import (
     BudgetEvent,
     BudgetTracker,
     MemoryBudget,
-    TreeSampler,
     parse_memory_budget,
-    sample_trees,
-    tree_rss,
 )
+from microkernel.resources.sampling import TreeSampler, sample_trees, tree_rss
 from tests import processes
 
 GiB = 1024**3
