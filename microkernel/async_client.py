@@ -27,12 +27,14 @@ from microkernel.client_base import (
     describe_progress,
     event_service,
     failed_error,
+    lease_acquire,
     lifecycle_timeout,
     no_reply,
     readiness,
     reply_body,
     resolve_endpoint,
     service_entry,
+    top_rows,
 )
 from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, HistoryReplay
 
@@ -140,6 +142,34 @@ class AsyncClient:
     async def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
         return reply_body(await self._request(messages.ShutdownRequest()))
+
+    # -- resources --
+
+    async def top(self) -> builtins.list[dict[str, Any]]:
+        """One row per replica (see Client.top)."""
+        return top_rows(await self.status())
+
+    async def leases(self) -> dict[str, Any]:
+        """The GPU inventory: ``{source, devices, leases, holders, waiters, skipped}``."""
+        return reply_body(await self._request(messages.LeasesRequest()))
+
+    async def acquire_lease(
+        self,
+        count: int = 1,
+        memory: int | str = 0,
+        mode: str = "exclusive",
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        pid: int | None = None,
+    ) -> dict[str, Any]:
+        """Ask for a GPU lease; ``{lease, env}`` (see Client.acquire_lease)."""
+        request, wait = lease_acquire(count, memory, mode, priority, timeout, pid, self.timeout)
+        return reply_body(await self._request(request, wait))
+
+    async def release_lease(self, lease_id: str) -> bool:
+        """Give a lease back; False if it was not held."""
+        return bool((await self._request(messages.LeaseReleaseRequest(lease_id=lease_id))).released)
 
     # -- data plane --
 

@@ -29,6 +29,7 @@ from microkernel.cli_format import (
     service_detail,
     status_table,
 )
+from microkernel.cli_resources import leases_text, resources_line, top_table
 from microkernel.client import Client, KernelUnavailable, resolve_endpoint
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main", "parse_args"]
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--count", type=_int_at_least(1), metavar="N", help="exit after N events")
     p = command("lookup", "show where a service's data plane is served")
     p.add_argument("name", metavar="NAME")
+    p = command("top", "a live view of every replica: CPU, memory vs budget, threads, GPU memory vs lease "
+                       "(--json: one snapshot)")
+    p.add_argument("-i", "--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                   help="refresh period (default 1 s)")
+    p.add_argument("-n", "--count", type=_int_at_least(1), metavar="N", help="exit after N refreshes")
+    command("leases", "show the GPU devices, their leases, holders, free memory and waiting requests")
     command("ping", "check that the kernel answers")
     command("shutdown", "stop every service and the kernel")
     return parser
@@ -169,7 +176,8 @@ def _cmd_status(client: Client, args: argparse.Namespace) -> int:
     if args.name is not None:
         matching = [s for s in reply["services"] if s.get("name") == args.name]
         return _emit(args, reply, "\n\n".join(service_detail(s) for s in matching) or f"{args.name}: no status")
-    return _emit(args, reply, kernel_line(reply["kernel"]) + "\n\n" + status_table(reply["services"]))
+    head = kernel_line(reply["kernel"]) + "\n" + resources_line(reply["kernel"])
+    return _emit(args, reply, head + "\n\n" + status_table(reply["services"]))
 
 
 def _cmd_list(client: Client, args: argparse.Namespace) -> int:
@@ -227,6 +235,33 @@ def _cmd_lookup(client: Client, args: argparse.Namespace) -> int:
     return _emit(args, reply, lookup_text(reply))
 
 
+# Clear the screen and go home: what `top` does between refreshes on a terminal.
+_CLEAR = "\x1b[H\x1b[2J"
+
+
+def _cmd_top(client: Client, args: argparse.Namespace) -> int:
+    if args.json:
+        return _emit(args, client.top(), "")
+    shown = 0
+    clear = sys.stdout.isatty()
+    while True:
+        table = top_table(client.top())
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{_CLEAR if clear else ''}mkctl top  {stamp}  every {args.interval:g}s (Ctrl-C to stop)\n\n{table}",
+              flush=True)
+        shown += 1
+        if args.count is not None and shown >= args.count:
+            return EXIT_OK
+        time.sleep(args.interval)  # the refresh period of a live view
+        if not clear:
+            print(flush=True)
+
+
+def _cmd_leases(client: Client, args: argparse.Namespace) -> int:
+    view = client.leases()
+    return _emit(args, view, leases_text(view))
+
+
 def _cmd_ping(client: Client, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     reply = client.ping()
@@ -249,6 +284,8 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "call": _cmd_call,
     "events": _cmd_events,
     "lookup": _cmd_lookup,
+    "top": _cmd_top,
+    "leases": _cmd_leases,
     "ping": _cmd_ping,
     "shutdown": _cmd_shutdown,
 }
@@ -289,8 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mkctl: error: {exc.code.value}: {exc.reason}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        # Following events is ended by Ctrl-C on purpose; anything else was interrupted.
-        return EXIT_OK if args.command == "events" else EXIT_INTERRUPTED
+        # Following events (or top) is ended by Ctrl-C on purpose; anything else was interrupted.
+        return EXIT_OK if args.command in ("events", "top") else EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_OK

@@ -52,12 +52,14 @@ from microkernel.client_base import (
     describe_progress,
     event_service,
     failed_error,
+    lease_acquire,
     lifecycle_timeout,
     no_reply,
     readiness,
     reply_body,
     resolve_endpoint,
     service_entry,
+    top_rows,
 )
 from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, EventStream, HistoryReplay
 
@@ -161,6 +163,40 @@ class Client:
     def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
         return reply_body(self._request(messages.ShutdownRequest()))
+
+    # -- resources --
+
+    def top(self) -> builtins.list[dict[str, Any]]:
+        """One row per replica: state, CPU %, RSS vs budget, threads, GPU memory vs lease, restarts, uptime."""
+        return top_rows(self.status())
+
+    def leases(self) -> dict[str, Any]:
+        """The GPU inventory: ``{source, devices, leases, holders, waiters, skipped}``."""
+        return reply_body(self._request(messages.LeasesRequest()))
+
+    def acquire_lease(
+        self,
+        count: int = 1,
+        memory: int | str = 0,
+        mode: str = "exclusive",
+        *,
+        priority: int = 0,
+        timeout: float | None = None,
+        pid: int | None = None,
+    ) -> dict[str, Any]:
+        """Ask for a GPU lease (``memory`` per device, e.g. ``"8GiB"``; 0 = whole devices, exclusive).
+
+        Waits in the kernel's fair queue up to ``timeout`` seconds (``None``: the client's timeout;
+        0: only try now). Returns ``{lease, env}``: ``env`` makes the lease real in a process started
+        with it. The lease is this client connection's until ``release_lease`` — or until process
+        ``pid`` exits, when given. Raises ``RemoteError`` with code ``timeout`` when not granted in time.
+        """
+        request, wait = lease_acquire(count, memory, mode, priority, timeout, pid, self.timeout)
+        return reply_body(self._request(request, wait))
+
+    def release_lease(self, lease_id: str) -> bool:
+        """Give a lease back; False if it was not held (already released, or its process exited)."""
+        return bool(self._request(messages.LeaseReleaseRequest(lease_id=lease_id)).released)
 
     # -- data plane --
 

@@ -15,6 +15,7 @@ from typing import Any
 from protocols import messages, wire
 from protocols.endpoints import ENDPOINT_ENV, KernelEndpoints, default_runtime_dir, ipc_path
 from protocols.errors import ErrorCode, MicrokernelError
+from microkernel.units import UnitError, parse_size
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -26,12 +27,14 @@ __all__ = [
     "describe_progress",
     "event_service",
     "failed_error",
+    "lease_acquire",
     "lifecycle_timeout",
     "no_reply",
     "readiness",
     "reply_body",
     "resolve_endpoint",
     "service_entry",
+    "top_rows",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -164,3 +167,60 @@ def failed_error(name: str, entry: dict[str, Any], reason: str | None = None) ->
 def reply_body(message: Any) -> dict[str, Any]:
     """A reply message as a plain dict (what the client methods return)."""
     return dict(wire.body_of(message))
+
+
+# How much longer than a lease request may wait in the kernel's queue the client waits for its reply.
+LEASE_REPLY_MARGIN = 2.0
+
+
+def lease_acquire(
+    count: int, memory: int | str, mode: str, priority: int, timeout: float | None, pid: int | None, default: float
+) -> tuple[messages.LeaseAcquireRequest, float]:
+    """The ``lease_acquire_request`` for the client methods, and how long to wait for its reply.
+
+    ``memory`` may be a size string (``"8GiB"``). ``timeout = None`` lets the kernel wait as long as
+    the request itself (``default``).
+    """
+    try:
+        nbytes = parse_size(memory, key="memory")
+    except UnitError as exc:
+        raise MicrokernelError(ErrorCode.INVALID_FIELD, exc.reason) from None
+    request = messages.LeaseAcquireRequest(count=count, memory=nbytes, mode=mode, priority=priority,
+                                           timeout=timeout, pid=pid)
+    return request, default if timeout is None else timeout + LEASE_REPLY_MARGIN
+
+
+def top_rows(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per replica slot of a status reply: what ``mkctl top`` shows (sizes in bytes).
+
+    ``rss_budget`` is the hard memory budget (else the soft one); ``gpu_memory`` the device memory
+    the replica uses (known only with NVML) and ``gpu_budget`` what its leases allow, summed over
+    their devices (0 per whole-device lease: ``gpu_devices`` counts the devices).
+    """
+    rows = []
+    for service in status.get("services") or ():
+        memory = (service.get("resources") or {}).get("memory") or {}
+        budget = memory.get("hard") if memory.get("hard") is not None else memory.get("soft")
+        for rep in service.get("replicas") or ():
+            usage = rep.get("usage") or {}
+            leases = rep.get("leases") or []
+            used = rep.get("gpu_memory")
+            rows.append({
+                "service": service.get("name"),
+                "replica": rep.get("replica"),
+                "incarnation": rep.get("incarnation"),
+                "state": rep.get("state"),
+                "pid": rep.get("pid"),
+                "cpu_percent": usage.get("cpu_percent"),
+                "rss": usage.get("rss"),
+                "rss_budget": budget,
+                "threads": usage.get("threads"),
+                "processes": usage.get("processes"),
+                "cpus": rep.get("cpus"),
+                "gpu_devices": sum(len(lease.get("devices") or ()) for lease in leases),
+                "gpu_memory": None if used is None else sum(used.values()),
+                "gpu_budget": sum((lease.get("memory") or 0) * len(lease.get("devices") or ()) for lease in leases),
+                "restarts": rep.get("restarts", 0),
+                "uptime_s": rep.get("uptime_s"),
+            })  # fmt: skip
+    return rows
