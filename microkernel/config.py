@@ -48,7 +48,7 @@ _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOP_KEYS = ("kernel", "services", "groups")
 _KERNEL_KEYS = (
     "runtime_dir", "heartbeat_interval", "heartbeat_liveness", "max_message_size",
-    "event_history", "shutdown_timeout", "log_level", "thread_pool_size", "start_concurrency",
+    "event_history", "shutdown_timeout", "log_level", "thread_pool_size", "start_concurrency", "standby",
 )  # fmt: skip
 _SERVICE_KEYS = (
     "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
@@ -95,6 +95,8 @@ class KernelSettings:
     start_concurrency: int = field(default_factory=lambda: max(4, 2 * (os.cpu_count() or 1)))
     """How many replicas may be between spawn and readiness at once (a start storm of hundreds
     of interpreters on a few cores would otherwise push them all past their start timeouts)."""
+    standby: bool = True
+    """Keep one service runner pre-started (interpreter up, SDK imported) for the next replica."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -177,6 +179,7 @@ def _parse_kernel(table: _Table | None) -> KernelSettings:
         log_level=log_level,
         thread_pool_size=table.integer("thread_pool_size", defaults.thread_pool_size, minimum=1),
         start_concurrency=table.integer("start_concurrency", defaults.start_concurrency, minimum=1),
+        standby=table.boolean("standby", defaults.standby),
     )
 
 

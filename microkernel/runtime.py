@@ -69,6 +69,7 @@ class Kernel:
             "replicas": self.supervisor.counts(),
             "shutting_down": self.supervisor.shutting_down,
             "thread_pool_size": self.settings.thread_pool_size,
+            "standby": self.supervisor.standby.summary() if self.supervisor.standby is not None else None,
         }
 
     def request_shutdown(self, reason: str) -> None:
