@@ -60,7 +60,7 @@ _TOP_KEYS = ("kernel", "services", "groups", "gpu")
 _KERNEL_KEYS = (
     "runtime_dir", "heartbeat_interval", "heartbeat_liveness", "max_message_size",
     "event_history", "shutdown_timeout", "log_level", "thread_pool_size", "start_concurrency",
-    "memory_pool", "memory_pressure", "memory_sample_interval",
+    "memory_pool", "memory_pressure", "memory_sample_interval", "standby",
 )  # fmt: skip
 _SERVICE_KEYS = (
     "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
@@ -113,6 +113,8 @@ class KernelSettings:
     """Fraction of host RAM in use above which the pressure guard kills a victim."""
     memory_sample_interval: float = DEFAULT_SAMPLE_INTERVAL
     """Seconds between two samples of every replica's process tree; 0 disables sampling."""
+    standby: bool = True
+    """Keep one service runner pre-started (interpreter up, SDK imported) for the next replica."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -201,6 +203,7 @@ def _parse_kernel(table: _Table | None) -> KernelSettings:
         memory_pool=parse_memory_pool(table, defaults.memory_pool),
         memory_pressure=parse_memory_pressure(table, defaults.memory_pressure),
         memory_sample_interval=table.duration("memory_sample_interval", defaults.memory_sample_interval),
+        standby=table.boolean("standby", defaults.standby),
     )
 
 

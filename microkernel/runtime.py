@@ -73,6 +73,7 @@ class Kernel:
             "shutting_down": self.supervisor.shutting_down,
             "thread_pool_size": self.settings.thread_pool_size,
             "resources": self.resources.summary(),
+            "standby": self.supervisor.standby.summary() if self.supervisor.standby is not None else None,
         }
 
     def request_shutdown(self, reason: str) -> None:

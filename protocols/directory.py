@@ -4,7 +4,9 @@ The kernel is a name service, not a router: a caller asks it once where a servic
 replicas are (``lookup_request``), connects one DEALER to all of their endpoints (ZeroMQ then
 load-balances requests across replicas) and talks to them directly. Lookups are cached for a
 short time and refreshed at once after a failure, so restarted replicas (new endpoints) are
-found quickly without a lookup per call.
+found quickly without a lookup per call. A call over a cached route must leave at once: if no
+replica of the route is connected any more (they all restarted on new endpoints), the route is
+looked up again instead of waiting out the call's timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import zmq
 
 from protocols import messages, wire
 from protocols.errors import CallTimeout, ErrorCode, MicrokernelError
-from protocols.transport import AsyncRequester, SyncRequester
+from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
 LOOKUP_TTL_S = 2.0
 
@@ -74,13 +76,14 @@ class AsyncDirectory:
         self.max_size = max_size
         self._routes: dict[str, _Route] = {}
 
-    async def _route(self, service: str, timeout: float, refresh: bool = False) -> _Route:
+    async def _route(self, service: str, timeout: float, refresh: bool = False) -> tuple[_Route, bool]:
+        """The route to ``service`` and whether it came from the cache."""
         route = self._routes.get(service)
         now = time.monotonic()
         if route is not None and not refresh and now < route.expires:
-            return route
+            return route, True
         env = await self.control.request(messages.LookupRequest(service=service), timeout=timeout)
-        return _install(self._routes, service, _check_lookup(env.message), now, self._requester)
+        return _install(self._routes, service, _check_lookup(env.message), now, self._requester), False
 
     def _requester(self, endpoints: list[str]) -> AsyncRequester:
         return AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
@@ -88,11 +91,14 @@ class AsyncDirectory:
     async def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
         deadline_ns = time.time_ns() + int(timeout * 1e9)
-        route = await self._route(service, timeout)
+        route, cached = await self._route(service, timeout)
+        request = messages.RpcRequest(method=method, args=args)
         try:
-            env = await route.requester.request(
-                messages.RpcRequest(method=method, args=args), timeout=timeout, deadline_ns=deadline_ns
-            )
+            try:
+                env = await route.requester.request(request, timeout=timeout, deadline_ns=deadline_ns, try_now=cached)
+            except NoPeer:
+                route, _ = await self._route(service, timeout, refresh=True)
+                env = await route.requester.request(request, timeout=timeout, deadline_ns=deadline_ns)
         except (CallTimeout, MicrokernelError) as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0  # the replica set may have changed: look up again next time
@@ -115,22 +121,28 @@ class SyncDirectory:
         self.max_size = max_size
         self._routes: dict[str, _Route] = {}
 
-    def _route(self, service: str, timeout: float) -> _Route:
+    def _route(self, service: str, timeout: float, refresh: bool = False) -> tuple[_Route, bool]:
+        """The route to ``service`` and whether it came from the cache."""
         route = self._routes.get(service)
         now = time.monotonic()
-        if route is not None and now < route.expires:
-            return route
+        if route is not None and not refresh and now < route.expires:
+            return route, True
         env = self.control.request(messages.LookupRequest(service=service), timeout=timeout)
-        return _install(self._routes, service, _check_lookup(env.message), now, self._requester)
+        return _install(self._routes, service, _check_lookup(env.message), now, self._requester), False
 
     def _requester(self, endpoints: list[str]) -> SyncRequester:
         return SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
 
     def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
-        route = self._route(service, timeout)
+        route, cached = self._route(service, timeout)
+        request = messages.RpcRequest(method=method, args=args)
         try:
-            env = route.requester.request(messages.RpcRequest(method=method, args=args), timeout=timeout)
+            try:
+                env = route.requester.request(request, timeout=timeout, try_now=cached)
+            except NoPeer:
+                route, _ = self._route(service, timeout, refresh=True)
+                env = route.requester.request(request, timeout=timeout)
         except MicrokernelError as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0

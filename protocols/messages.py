@@ -393,6 +393,15 @@ class ServiceStarted:
     pid: int
 
 
+@message("standby.ready")
+@_frozen
+class StandbyReady:
+    """A warm standby runner has finished its imports: the next eligible replica start will use it."""
+
+    seq: int = 0
+    pid: int
+
+
 @message("service.progress")
 @_frozen
 class ServiceProgress:

@@ -86,6 +86,13 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> Non
     _send(sock, frames[last], flags, copy)
 
 
+class NoPeer(MicrokernelError):
+    """A send that had to leave at once found no connected peer (``try_now`` requests)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, reason)
+
+
 class AsyncSocket:
     """A plain (non-asyncio) zmq socket driven by an asyncio loop's readiness callbacks.
 
@@ -182,6 +189,18 @@ class AsyncSocket:
             except zmq.ZMQError as exc:
                 log.debug("dropping an outgoing message: %s", exc)
             self._outbox.popleft()
+
+    def try_send(self, frames: Sequence[Any]) -> bool:
+        """Send ``frames`` now or not at all (nothing is queued); returns whether it left."""
+        if self._closed or self._outbox:
+            return False
+        try:
+            send_message(self.sock, frames, NOBLOCK)
+        except zmq.Again:
+            return False
+        if not self._draining:
+            self._schedule_check()
+        return True
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Queue ``frames`` for sending; returns False when the message was dropped."""
@@ -298,14 +317,26 @@ class AsyncRequester:
         """Fire-and-forget (one-way messages such as heartbeats)."""
         self.socket.send(wire.encode(message, sender=self.sender, deadline_ns=deadline_ns))
 
-    async def request(self, message: Any, *, timeout: float | None = None, deadline_ns: int | None = None) -> wire.Envelope:
-        """Send ``message`` and await its ok reply; raises RemoteError or CallTimeout."""
+    async def request(
+        self, message: Any, *, timeout: float | None = None, deadline_ns: int | None = None, try_now: bool = False,
+    ) -> wire.Envelope:
+        """Send ``message`` and await its ok reply; raises RemoteError or CallTimeout.
+
+        With ``try_now`` the request must leave at once (a peer is connected) or ``NoPeer`` is
+        raised: a caller with a cached address checks it is still good before trusting it.
+        """
         msg_id = wire.new_msg_id()
-        fut: asyncio.Future[wire.Envelope] = self.socket.loop.create_future()
-        self._pending[msg_id] = fut
         if deadline_ns is None and timeout is not None:
             deadline_ns = time.time_ns() + int(timeout * 1e9)
-        self.socket.send(wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns))
+        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
+        fut: asyncio.Future[wire.Envelope] = self.socket.loop.create_future()
+        self._pending[msg_id] = fut
+        if try_now:
+            if not self.socket.try_send(frames):
+                del self._pending[msg_id]
+                raise NoPeer(f"no connected peer at {', '.join(self.endpoints) or 'nowhere'}")
+        else:
+            self.socket.send(frames)
         try:
             if timeout is None:
                 env = await fut
@@ -369,19 +400,28 @@ class SyncRequester:
             self.sock.setsockopt(option, ms)
             self._timeouts[option] = ms
 
-    def request(self, message: Any, *, timeout: float, deadline_ns: int | None = None) -> wire.Envelope:
-        """Send and wait for the correlated reply; raises RemoteError or CallTimeout."""
+    def request(self, message: Any, *, timeout: float, deadline_ns: int | None = None, try_now: bool = False) -> wire.Envelope:
+        """Send and wait for the correlated reply; raises RemoteError or CallTimeout.
+
+        With ``try_now`` the request must leave at once or ``NoPeer`` is raised (see AsyncRequester).
+        """
         msg_id = wire.new_msg_id()
         deadline = time.monotonic() + timeout
         if deadline_ns is None:
             deadline_ns = time.time_ns() + int(timeout * 1e9)
         frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
         sock = self.sock
-        self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
-        try:
-            send_message(sock, frames)
-        except zmq.Again:
-            raise CallTimeout(f"could not send {wire.msg_type_of(message)} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
+        if try_now:
+            try:
+                send_message(sock, frames, NOBLOCK)
+            except zmq.Again:
+                raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
+        else:
+            self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
+            try:
+                send_message(sock, frames)
+            except zmq.Again:
+                raise CallTimeout(f"could not send {wire.msg_type_of(message)} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
         while True:
             # A receive timeout instead of poll()+recv(): one system call less per round trip.
             left = deadline - time.monotonic()

@@ -11,6 +11,12 @@ budget with ``torch.set_num_threads`` and the GPU lease's memory fractions with
 
 Exit status: 0 after a graceful stop, 1 when setup (or teardown) failed, 2 when the entry or
 the environment is unusable (the reason is printed on stderr).
+
+``python -m services.runner --standby`` is the kernel's warm standby: it imports everything a
+replica needs except the service's own module, then blocks reading one JSON line on stdin —
+``{"entry", "env", "cwd"}`` — applies the environment and the working directory, and continues
+exactly like ``python -m services.runner ENTRY`` started with them. End of file without a line
+(the kernel stopping or discarding the standby) exits 0.
 """
 
 from __future__ import annotations
@@ -182,6 +188,41 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def wait_for_assignment(stream: Any = None) -> str | None:
+    """Standby: read the assignment line, apply env and cwd; returns the entry (None at EOF)."""
+    import json
+
+    import services.replica  # noqa: F401  (the point of a standby: imported before it is needed)
+
+    ready_fd = os.environ.get("MK_STANDBY_READY_FD")
+    if ready_fd is not None:  # tell the kernel the imports are done
+        try:
+            os.write(int(ready_fd), b"r")
+            os.close(int(ready_fd))
+        except (OSError, ValueError):
+            pass
+    stream = stream if stream is not None else sys.stdin.buffer
+    line = stream.readline()
+    if not line.strip():
+        return None
+    try:
+        assignment = json.loads(line)
+        entry, env, cwd = assignment["entry"], assignment["env"], assignment["cwd"]
+        if not (isinstance(entry, str) and isinstance(env, dict) and isinstance(cwd, str)):
+            raise TypeError("entry, env and cwd must be a string, a map and a string")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EntryError(f"unusable standby assignment: {exc}") from None
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.chdir(cwd)
+    # What `python -m` started in ``cwd`` would have: the directory first on sys.path.
+    if sys.path and sys.path[0] != cwd:
+        sys.path[0] = os.getcwd()
+    with open(os.devnull, "rb") as devnull:  # like every other replica: nothing on stdin
+        os.dup2(devnull.fileno(), 0)
+    return entry
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(
@@ -190,7 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("entry", nargs="?", help="'package.module:Class' or an entry-point name "
                         f"in group {ENTRY_POINT_GROUP!r} (default: $MK_ENTRY)")
+    parser.add_argument("--standby", action="store_true",
+                        help="wait for the entry, environment and cwd as one JSON line on stdin (kernel use)")
     args = parser.parse_args(argv)
+    if args.standby:
+        try:
+            assigned = wait_for_assignment()
+        except EntryError as exc:
+            return _fail(str(exc))
+        if assigned is None:
+            return 0
+        args.entry = assigned
     entry = args.entry or os.environ.get("MK_ENTRY")
     if not entry:
         return _fail("no service entry: pass ENTRY ('package.module:Class' or an entry-point name) or set MK_ENTRY")

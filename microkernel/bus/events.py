@@ -1,13 +1,16 @@
-"""The event bus: an XSUB/XPUB proxy inside the kernel's loop, plus the kernel's own events.
+"""The event bus: an XSUB/XPUB proxy in libzmq's own forwarding loop, plus the kernel's own events.
 
-Services publish to the XSUB side; anyone subscribes on the XPUB side. Frames are forwarded
-untouched (no decode on the hot path). The kernel publishes its own events (``service.ready``,
-``service.exited`` …) directly on the XPUB with a monotonically increasing ``seq`` and keeps
-the last N in a history ring so late joiners can catch up (``events_request``).
+Services publish to the XSUB side; anyone subscribes on the XPUB side. Frames are forwarded by
+``zmq.proxy_steerable`` in a thread of its own — C code that never takes the GIL per message, so a
+storm of service events costs the kernel's event loop nothing. The kernel publishes its own events
+(``service.ready``, ``service.exited`` …) through an XPUB of its own connected to the proxy's XSUB
+over inproc, with a monotonically increasing ``seq``, and keeps the last N in a history ring so late
+joiners can catch up (``events_request``).
 
-Slow joiners: the XPUB runs verbose, so the kernel sees every subscription. A subscription to
-``_mk.welcome.<token>`` is answered with ``kernel.welcome`` on that topic; ZeroMQ applies one
-peer's subscriptions in order, so the subscriber then knows all its subscriptions are live.
+Slow joiners: the proxy's XPUB runs verbose and forwards every subscription upstream, so the
+kernel's XPUB (verbose too) sees each one. A subscription to ``_mk.welcome.<token>`` is answered
+with ``kernel.welcome`` on that topic; ZeroMQ applies one peer's subscriptions in order, so the
+subscriber then knows all its subscriptions are live.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import collections
 import fnmatch
 import logging
+import os
+import threading
 import time
 from typing import Any
 
@@ -37,31 +42,41 @@ class EventBus:
         self.events_out = events_out
         self._seq = 0
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(1, history))
-        self.forwarded = 0
+        internal = f"inproc://mk-bus-{os.getpid()}-{id(self):x}"
         xsub = ctx.socket(zmq.XSUB)
         xsub.linger = 0
         xsub.bind(events_in)
+        xsub.bind(internal)
+        # Subscribe upstream to everything once, instead of relying on each subscriber's filters:
+        # a service's events then reach the proxy before any subscription could, so a subscriber
+        # that has its welcome cannot lose an event to a filter still travelling to the service.
+        xsub.send(b"\x01")
         xpub = ctx.socket(zmq.XPUB)
         xpub.linger = 0
         xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
-        # Subscribers that cannot keep up lose events at the HWM instead of stalling the kernel.
+        # Subscribers that cannot keep up lose events at the HWM instead of stalling the proxy.
         xpub.setsockopt(zmq.SNDHWM, 100_000)
         xpub.bind(events_out)
-        self._xpub = AsyncSocket(xpub, self._on_subscription, drop_when_full=True)
-        self._xsub = AsyncSocket(xsub, self._on_published)
-        # Subscribe upstream to everything once, instead of forwarding each subscriber's filters:
-        # a service's events then reach the proxy before any subscription could, so a subscriber
-        # that has its welcome cannot lose an event to a filter still travelling to the service.
-        self._xsub.send([b"\x01"])
+        control_addr = internal + "-control"
+        self._control = ctx.socket(zmq.PAIR)
+        self._control.linger = 0
+        self._control.bind(control_addr)
+        proxy_control = ctx.socket(zmq.PAIR)
+        proxy_control.linger = 0
+        proxy_control.connect(control_addr)
+        # The proxy thread owns these three sockets from here on (handed over before it starts).
+        self._thread = threading.Thread(target=_forward, args=(xsub, xpub, proxy_control), name="mk-bus", daemon=True)
+        self._thread.start()
+        publisher = ctx.socket(zmq.XPUB)
+        publisher.linger = 0
+        publisher.setsockopt(zmq.XPUB_VERBOSE, 1)
+        publisher.setsockopt(zmq.SNDHWM, 100_000)
+        publisher.connect(internal)
+        self._xpub = AsyncSocket(publisher, self._on_subscription, drop_when_full=True)
 
     @property
     def next_seq(self) -> int:
         return self._seq + 1
-
-    def _on_published(self, frames: list[Any]) -> None:
-        # Hot path: forward as-is. Decoding (and validating) is the subscribers' business.
-        self.forwarded += 1
-        self._xpub.send(frames)
 
     def _on_subscription(self, frames: list[Any]) -> None:
         raw = frames[0].bytes if hasattr(frames[0], "bytes") else bytes(frames[0])
@@ -96,5 +111,28 @@ class EventBus:
         return out
 
     def close(self) -> None:
-        self._xsub.close()
+        """Stop the proxy thread and close every socket of the bus."""
+        if self._thread.is_alive():
+            try:
+                self._control.send(b"TERMINATE")
+            except zmq.ZMQError:
+                pass
+            self._thread.join(timeout=_JOIN_CEILING)
+        self._control.close()
         self._xpub.close()
+
+
+_JOIN_CEILING = 5.0  # seconds; the proxy returns as soon as it reads TERMINATE
+
+
+def _forward(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket) -> None:
+    """The proxy thread: forward both ways until TERMINATE arrives on ``control``, then close."""
+    try:
+        zmq.proxy_steerable(xsub, xpub, None, control)
+    except zmq.ContextTerminated:
+        pass
+    except zmq.ZMQError as exc:
+        log.error("the event bus proxy stopped: %s", exc)
+    finally:
+        for sock in (xsub, xpub, control):
+            sock.close(linger=0)

@@ -67,10 +67,22 @@ def environment_for(
     )
     if spec.entry is not None:
         env["MK_ENTRY"] = spec.entry
-        # Entries resolve like `python -m`: relative to where the daemon was started.
-        path = env.get("PYTHONPATH", "")
-        cwd = os.getcwd()
-        if cwd not in path.split(os.pathsep):
-            env["PYTHONPATH"] = cwd + (os.pathsep + path if path else "")
+        _entries_resolve_from_cwd(env)
     env.update(extra)
     return env, endpoint
+
+
+def standby_environment(extra: Mapping[str, str] = ()) -> dict[str, str]:  # type: ignore[assignment]
+    """The environment a warm standby starts with: what every entry replica gets at exec time."""
+    env = dict(os.environ)
+    _entries_resolve_from_cwd(env)
+    env.update(extra)
+    return env
+
+
+def _entries_resolve_from_cwd(env: dict[str, str]) -> None:
+    # Entries resolve like `python -m`: relative to where the daemon was started.
+    path = env.get("PYTHONPATH", "")
+    cwd = os.getcwd()
+    if cwd not in path.split(os.pathsep):
+        env["PYTHONPATH"] = cwd + (os.pathsep + path if path else "")

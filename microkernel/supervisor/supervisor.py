@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,15 +30,16 @@ from microkernel.config import KernelConfig
 from microkernel.resources.leases import LeaseError
 from microkernel.resources.manager import Placement, ResourceManager, holder_of
 from microkernel.resources.monitor import Target
-from microkernel.sentinel import Sentinel
+from microkernel.sentinel import MARKER_VAR, Sentinel
 from microkernel.supervisor.backoff import Backoff
 from microkernel.supervisor.intensity import RestartWindow
-from microkernel.supervisor.launch import argv_for, environment_for
+from microkernel.supervisor.launch import argv_for, environment_for, standby_environment
 from microkernel.supervisor.policy import should_restart, siblings_to_restart
 from microkernel.supervisor.process import SpawnError, kill_tree, spawn
 from microkernel.supervisor.reasons import ExitReason
 from microkernel.supervisor.records import ReplicaRecord, ServiceRecord
 from microkernel.supervisor.spec import GroupSpec, ReadyMode, ServiceSpec
+from microkernel.supervisor.standby import Standby
 from microkernel.supervisor.states import ReplicaState
 
 log = logging.getLogger("microkernel.supervisor")
@@ -86,6 +88,12 @@ class Supervisor:
         self.shutting_down = False
         self._start_slots = asyncio.Semaphore(self.settings.start_concurrency)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.standby: Standby | None = None
+        if self.settings.standby:
+            self.standby = Standby(sys.executable, pinned_keys=(MARKER_VAR,))
+            self.standby.on_spawned = sentinel.track  # type: ignore[method-assign]
+            self.standby.on_ready = self._standby_ready  # type: ignore[method-assign]
+            self.standby.on_gone = sentinel.untrack  # type: ignore[method-assign]
         for name in config.start_order():
             self._add_service(config.services[name])
 
@@ -368,7 +376,13 @@ class Supervisor:
         # before this coroutine resumes, and it must find its replica.
         self.live[key] = rep
         try:
-            proc = await spawn(argv_for(spec), env=env, cwd=spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
+            argv = argv_for(spec)
+            proc = None
+            if self.standby is not None:
+                proc = self.standby.take(argv, env, spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
+            if proc is None:
+                proc = await spawn(argv, env=env, cwd=spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
+            self._prepare_standby()
         except (SpawnError, OSError, ValueError) as exc:
             self.live.pop(key, None)
             self.resources.abandon(placement)
@@ -522,12 +536,20 @@ class Supervisor:
 
     # --- commands ------------------------------------------------------------------------------
 
+    def _standby_ready(self, pid: int) -> None:
+        self.bus.emit(m.StandbyReady, pid=pid)
+
+    def _prepare_standby(self) -> None:
+        if self.standby is not None and not self.shutting_down:
+            self.standby.prepare(standby_environment(self.sentinel.marker_env))
+
     async def start_all(self) -> None:
         """Start every autostart service; dependencies gate each replica, not this call.
 
         A service whose hard memory budget does not fit the pool is not started at all (its
         replicas say why); the others start.
         """
+        self._prepare_standby()
         for name, rec in self.services.items():
             if rec.spec.autostart:
                 try:
@@ -700,6 +722,8 @@ class Supervisor:
                 t.cancel()
             await self.kill_everything()
         await self.cancel_tasks()
+        if self.standby is not None:
+            await self.standby.close()
 
     async def kill_everything(self) -> None:
         procs = [r.proc for rec in self.services.values() for r in rec.replicas if r.proc is not None]

@@ -275,10 +275,10 @@ command = ["sleep", "1000"]
 
 
 def test_commands_on_different_services_do_not_block_each_other(short_tmp: str) -> None:
-    # `stubborn` ignores SIGTERM, so stopping it takes its whole 10 s grace.
+    # `stubborn` ignores SIGTERM (from before it is ready), so stopping it takes its whole 10 s grace.
     config = """
 [services.stubborn]
-command = ["python3", "-c", "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.pause()"]
+entry = "tests.fixtures.stubborn:Stubborn"
 stop_timeout = "10s"
 [services.w]
 entry = "tests.fixtures.crashy:Crashy"
