@@ -120,6 +120,7 @@ class ServiceRuntime(Protocol):
     def publish(self, topic: str, data: dict[str, Any]) -> None: ...
     async def progress(self, message: str, extend_s: float) -> float: ...
     def request_stop(self, exit_code: int = 0) -> None: ...
+    async def control_request(self, message: Any, timeout: float) -> Any: ...
 
 
 class Service:
@@ -267,15 +268,7 @@ class Service:
 
     async def _control_request(self, message: Any, timeout: float) -> Any:
         """One request to the kernel on this replica's control connection (its identity names the holder)."""
-        runtime = self._rt
-        request = getattr(runtime, "control_request", None)
-        if request is not None:
-            return await request(message, timeout)
-        control = getattr(runtime, "_control", None)
-        if control is None:
-            raise RuntimeError("the replica runtime has no control connection to the kernel")
-        env = await control.request(message, timeout=timeout)
-        return env.message
+        return await self._rt.control_request(message, timeout)
 
     def __repr__(self) -> str:
         runtime = self._runtime

@@ -114,6 +114,16 @@ class ReplicaRuntime:
         )
         return env.message.deadline_in_s
 
+    async def control_request(self, message: Any, timeout: float) -> Any:
+        """One request to the kernel on this replica's control connection; returns the reply body.
+
+        The connection's identity names this replica, so the kernel knows who asks (a run-time
+        GPU lease is held by the replica's process). Error replies raise ``RemoteError``.
+        """
+        assert self._control is not None, "the runtime is not running"
+        env = await self._control.request(message, timeout=timeout)
+        return env.message
+
     def request_stop(self, exit_code: int = 0) -> None:
         """Begin a graceful stop (idempotent; the first exit code wins). Safe from any thread."""
         loop = self._loop
