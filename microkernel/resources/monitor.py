@@ -45,6 +45,10 @@ log = logging.getLogger("microkernel.resources")
 EXTERNAL_CHECK_S = 1.0
 
 
+OBSERVE_EVERY = 8
+"""Replicas with nothing to enforce are measured every this many rounds (2 s at 250 ms)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
     """A live replica process, as the sampler sees it."""
@@ -94,6 +98,7 @@ class Monitor:
         self.manager = manager
         self.replicas = replicas
         self.sampler = TreeSampler()
+        self._cached: list[Target] = []
 
     # --- sampling ------------------------------------------------------------------------------
 
@@ -110,9 +115,21 @@ class Monitor:
                 log.exception("resource sampling round failed")
 
     async def sample_once(self) -> None:
-        """One sampling round: measure in the thread pool, then act on the loop."""
+        """One sampling round: measure in the thread pool, then act on the loop.
+
+        Replicas with something to enforce (a memory budget, a CPU budget) are measured every round;
+        the others only every ``OBSERVE_EVERY`` rounds — for ``top``, status and the pressure guard,
+        which keeps using their last figures in between. With hundreds of idle services this is
+        what keeps the kernel's own CPU use low.
+        """
         mgr = self.manager
         targets = self.replicas.sample_targets() if mgr.interval > 0 else []
+        self._cached = []
+        if targets and mgr.rounds % OBSERVE_EVERY:
+            enforced = [t for t in targets if t.resources.memory is not None or t.resources.cpus is not None]
+            if len(enforced) < len(targets):
+                self._cached = [t for t in targets if t.resources.memory is None and t.resources.cpus is None]
+                targets = enforced
         pins = {t.key: (mgr.placed_cpus[t.key], frozenset(mgr.pinned.get(t.key, ())))
                 for t in targets if t.key in mgr.placed_cpus}  # fmt: skip
         loop = asyncio.get_running_loop()
@@ -176,6 +193,13 @@ class Monitor:
                 rss=usage.rss, soft=budget.soft if budget else None, hard=budget.hard if budget else None,
                 started_at=t.started_at_ns,
             ))  # fmt: skip
+        for t in self._cached:  # measured in an earlier round: their last figures still count
+            usage = mgr.usage.get(t.key)
+            if usage is not None and mgr.alive.get(t.key) == t.pid:
+                candidates.append(Candidate(
+                    service=t.key[0], replica=t.key[1], key=t.key, pid=t.pid, priority=t.resources.priority,
+                    rss=usage.rss, soft=None, hard=None, started_at=t.started_at_ns,
+                ))  # fmt: skip
         if candidates:
             self._check_pressure(result.host, candidates)
 

@@ -196,6 +196,10 @@ class TreeSampler:
                 continue
             result[root] = usage
             trees[root] = (self._known[root][0], now, baseline)
+        # Roots not asked for this time (sampled less often) keep their baseline for the next time.
+        for root, tree in self._trees.items():
+            if root not in trees and root in self._known and self._known[root][0] == tree[0]:
+                trees[root] = tree
         self._trees = trees
         return result
 

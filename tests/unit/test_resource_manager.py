@@ -420,3 +420,30 @@ def test_spawn_sets_the_affinity_and_joins_the_cgroup_before_exec(tmp_path: Path
     # The first thing the child does is report its affinity: it was set before exec.
     assert run(scenario).strip() == str([cpu]).encode()
     assert (tmp_path / "cgroup.procs").read_text() == "0"  # "0" = the writing process joins
+
+
+def test_replicas_with_nothing_to_enforce_are_measured_less_often(sleeper: Any) -> None:
+    from microkernel.resources.monitor import OBSERVE_EVERY
+
+    mgr, _ = manager()
+    budgeted = Target(key=("budgeted", 0, 1), pid=sleeper.pid, started_at_ns=1,
+                      resources=ServiceResources(memory=MemoryBudget(hard=64 * GIB)))
+    idle = Target(key=("idle", 0, 1), pid=sleeper.pid, started_at_ns=2, resources=ServiceResources())
+    replicas = Replicas([budgeted, idle])
+    seen: dict[str, list[object]] = {"budgeted": [], "idle": []}
+
+    async def scenario() -> None:
+        for target in replicas.targets:
+            mgr.spawned(target.key, target.pid, mgr.place_now(target.key[0], target.key[1], target.resources))
+        monitor = Monitor(mgr, replicas)
+        for _ in range(OBSERVE_EVERY + 1):
+            await monitor.sample_once()
+            for name, target in (("budgeted", budgeted), ("idle", idle)):
+                seen[name].append(mgr.usage[target.key])
+
+    run(scenario)
+    # The budgeted replica gets a fresh measurement every round ...
+    assert len({id(u) for u in seen["budgeted"]}) == OBSERVE_EVERY + 1
+    # ... the idle one in the first round and again OBSERVE_EVERY rounds later, its last figures kept between.
+    assert len({id(u) for u in seen["idle"][:OBSERVE_EVERY]}) == 1
+    assert seen["idle"][OBSERVE_EVERY] is not seen["idle"][0]
