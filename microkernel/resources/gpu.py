@@ -47,7 +47,7 @@ __all__ = [
     "ENFORCE_MODES",
     "FREE_TIMEOUT_POLICIES",
     "GPU_KEYS",
-    "TORCH_PROBE_SCRIPT",
+    "TORCH_PROBE_MODULE",
     "Device",
     "GpuConfigError",
     "GpuProcess",
@@ -73,24 +73,9 @@ GPU_KEYS: Final = (
 ENFORCE_MODES: Final = ("off", "warn", "kill")
 FREE_TIMEOUT_POLICIES: Final = ("start", "fail")
 
-# Printed as one JSON line on stdout. Never raises: every failure becomes {"ok": false, "reason"}.
-TORCH_PROBE_SCRIPT: Final = """\
-import json
-try:
-    import torch
-    if not torch.cuda.is_available():
-        out = {"ok": False, "reason": "torch.cuda.is_available() is False"}
-    else:
-        devices = []
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            devices.append({"index": i, "uuid": str(getattr(p, "uuid", "")), "name": p.name,
-                            "memory_total": int(p.total_memory)})
-        out = {"ok": True, "devices": devices}
-except Exception as exc:
-    out = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"}
-print(json.dumps(out), flush=True)
-"""
+# The torch probe lives in the service side of the project (only ``services`` may load torch) and
+# runs as its own interpreter: ``python -m services.gpu_probe`` prints one JSON line.
+TORCH_PROBE_MODULE: Final = "services.gpu_probe"
 
 
 class GpuConfigError(ValueError):
@@ -328,12 +313,14 @@ def parse_probe_output(stdout: str) -> list[Device]:
     return devices
 
 
-def probe_torch(*, python: str | None = None, timeout: float = 30.0, script: str = TORCH_PROBE_SCRIPT) -> list[Device]:
-    """Run ``python -c script`` and parse its devices (blocking; the kernel runs it in its thread pool).
+def probe_torch(*, python: str | None = None, timeout: float = 30.0, script: str | None = None) -> list[Device]:
+    """Run the torch probe and parse its devices (blocking; the kernel runs it in its thread pool).
 
-    The child is killed at ``timeout``. Raises :class:`ProbeFailed` with the reason.
+    The probe is ``python -m services.gpu_probe``, or ``python -c script`` when ``script`` is given
+    (the same output contract). The child is killed at ``timeout``. Raises :class:`ProbeFailed`.
     """
-    argv = [python or sys.executable, "-c", script]
+    interpreter = python or sys.executable
+    argv = [interpreter, "-c", script] if script is not None else [interpreter, "-m", TORCH_PROBE_MODULE]
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
@@ -356,7 +343,7 @@ def discover(
     probe: bool = False,
     probe_python: str | None = None,
     probe_timeout: float = 30.0,
-    probe_script: str = TORCH_PROBE_SCRIPT,
+    probe_script: str | None = None,
 ) -> Inventory:
     """Find the devices to lease: NVML, else the torch probe (when ``probe``), else ``declared``.
 

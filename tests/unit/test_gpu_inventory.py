@@ -10,7 +10,6 @@ import msgpack
 import pytest
 
 from microkernel.resources.gpu import (
-    TORCH_PROBE_SCRIPT,
     Device,
     GpuConfigError,
     GpuProcess,
@@ -148,8 +147,9 @@ def test_probe_reports_a_crashing_interpreter() -> None:
 
 
 def test_probe_is_killed_at_its_timeout() -> None:
-    # The timeout is the behaviour under test (a hung CUDA init); subprocess.run kills and reaps the child.
-    script = "import time\ntime.sleep(3600)\n"
+    # The timeout is the behaviour under test (a hung CUDA init): the child blocks until a signal,
+    # and subprocess.run kills and reaps it at the timeout.
+    script = "import signal\nsignal.pause()\n"
     with pytest.raises(ProbeFailed, match="did not finish"):
         probe_torch(script=script, timeout=0.2)
 
@@ -162,7 +162,7 @@ def test_probe_reports_a_missing_interpreter() -> None:
 def test_the_real_probe_finds_no_device_on_this_machine() -> None:
     # No GPU here (and usually no torch): the probe must fail cleanly, never crash or hang.
     with pytest.raises(ProbeFailed):
-        probe_torch(script=TORCH_PROBE_SCRIPT, python=sys.executable, timeout=60.0)
+        probe_torch(python=sys.executable, timeout=60.0)  # python -m services.gpu_probe
 
 
 # --- discovery order --------------------------------------------------------------------------------
