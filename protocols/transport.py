@@ -199,6 +199,7 @@ class AsyncSocket:
         except zmq.Again:
             return False
         if not self._draining:
+            # A send may consume the FD's edge; inside a drain the next EVENTS read covers it.
             self._schedule_check()
         return True
 
@@ -206,27 +207,21 @@ class AsyncSocket:
         """Queue ``frames`` for sending; returns False when the message was dropped."""
         if self._closed:
             return False
-        if self._outbox:
-            if self.drop_when_full:
-                self.dropped += 1
-                return False
-            self._outbox.append(frames)
-            return True
-        try:
-            send_message(self.sock, frames, NOBLOCK)
-        except zmq.Again:
-            if self.drop_when_full:
-                self.dropped += 1
-                return False
-            self._outbox.append(frames)
-        except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: the peer went away
-                self.dropped += 1
-                return False
-            raise
-        if not self._draining:
-            # A send may consume the FD's edge; inside a drain the next EVENTS read covers it.
-            self._schedule_check()
+        if not self._outbox:
+            try:
+                if self.try_send(frames):
+                    return True
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: the peer went away
+                    self.dropped += 1
+                    return False
+                raise
+            if not self.drop_when_full and not self._draining:
+                self._schedule_check()  # the queued message leaves when EVENTS shows POLLOUT
+        if self.drop_when_full:
+            self.dropped += 1
+            return False
+        self._outbox.append(frames)
         return True
 
     @property
