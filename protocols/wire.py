@@ -202,6 +202,27 @@ def _pack_body(body: dict[str, Any]) -> tuple[bytes, list[Any]]:
     return packed, buffers
 
 
+def _pack_header(
+    msg_type: str, sender: str, msg_id: bytes | None, parent_id: bytes | None, deadline_ns: int | None,
+    status: str | None,
+) -> bytes:
+    """The header frame; optional keys are omitted rather than sent as nil (spec §3.1)."""
+    header: dict[str, Any] = {
+        "msg_id": msg_id or new_msg_id(),
+        "msg_type": msg_type,
+        "version": PROTOCOL_VERSION,
+        "sender": sender,
+        "ts_ns": time.time_ns(),
+    }
+    if parent_id is not None:
+        header["parent_id"] = parent_id
+    if deadline_ns is not None:
+        header["deadline_ns"] = deadline_ns
+    if status is not None:
+        header["status"] = status
+    return _packers.header.pack(header)
+
+
 def pack(obj: Any) -> bytes:
     """msgpack-encode a plain value (no buffers); used for headers and small bodies."""
     return _packers.header.pack(obj)
@@ -238,25 +259,13 @@ def encode(
     else:
         msg_type = type_of(message_obj)
         body = body_getter(type(message_obj))(message_obj)
-    header: dict[str, Any] = {
-        "msg_id": msg_id or new_msg_id(),
-        "msg_type": msg_type,
-        "version": PROTOCOL_VERSION,
-        "sender": sender,
-        "ts_ns": time.time_ns(),
-    }
-    if parent_id is not None:
-        header["parent_id"] = parent_id
-    if deadline_ns is not None:
-        header["deadline_ns"] = deadline_ns
-    if status is not None:
-        header["status"] = status
+    header = _pack_header(msg_type, sender, msg_id, parent_id, deadline_ns, status)
     packed, buffers = _pack_body(body)
     frames: list[Any] = list(routing)
     if topic is not None:
         frames.append(topic.encode())
     frames.append(MAGIC)
-    frames.append(_packers.header.pack(header))
+    frames.append(header)
     frames.append(packed)
     if buffers:
         frames.extend(buffers)
@@ -278,15 +287,7 @@ def encode_reply(request: Header, message_obj: Any, *, sender: str, routing: Seq
 def encode_result(request: Header, result: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
     """``encode_reply(request, RpcReply(result=result), ...)``, for the data plane's hot path."""
     packed, buffers = _pack_body({"result": result})
-    header = _packers.header.pack({
-        "msg_id": new_msg_id(),
-        "msg_type": "rpc_reply",
-        "version": PROTOCOL_VERSION,
-        "sender": sender,
-        "ts_ns": time.time_ns(),
-        "parent_id": request.msg_id,
-        "status": STATUS_OK,
-    })
+    header = _pack_header("rpc_reply", sender, None, request.msg_id, None, STATUS_OK)
     if buffers:
         return [*routing, MAGIC, header, packed, *buffers]
     return [*routing, MAGIC, header, packed]
@@ -302,18 +303,12 @@ def encode_error(
     routing: Sequence[bytes] = (),
 ) -> list[Any]:
     """An ``error`` reply. msg_type is the request's reply type when known, else ``error_reply``."""
-    header: dict[str, Any] = {
-        "msg_id": new_msg_id(),
-        "msg_type": reply_type(request.msg_type) if request is not None else "error_reply",
-        "version": PROTOCOL_VERSION,
-        "sender": sender,
-        "ts_ns": time.time_ns(),
-        "status": STATUS_ERROR,
-    }
-    if request is not None:
-        header["parent_id"] = request.msg_id
+    if request is None:
+        header = _pack_header("error_reply", sender, None, None, None, STATUS_ERROR)
+    else:
+        header = _pack_header(reply_type(request.msg_type), sender, None, request.msg_id, None, STATUS_ERROR)
     body = {"code": str(ErrorCode(code).value), "reason": reason, "details": details or {}}
-    return [*routing, MAGIC, pack(header), pack(body)]
+    return [*routing, MAGIC, header, pack(body)]
 
 
 # --- decoding ----------------------------------------------------------------------------------
