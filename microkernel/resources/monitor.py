@@ -98,7 +98,6 @@ class Monitor:
         self.manager = manager
         self.replicas = replicas
         self.sampler = TreeSampler()
-        self._cached: list[Target] = []
 
     # --- sampling ------------------------------------------------------------------------------
 
@@ -124,11 +123,11 @@ class Monitor:
         """
         mgr = self.manager
         targets = self.replicas.sample_targets() if mgr.interval > 0 else []
-        self._cached = []
+        skipped: list[Target] = []
         if targets and mgr.rounds % OBSERVE_EVERY:
             enforced = [t for t in targets if t.resources.memory is not None or t.resources.cpus is not None]
             if len(enforced) < len(targets):
-                self._cached = [t for t in targets if t.resources.memory is None and t.resources.cpus is None]
+                skipped = [t for t in targets if t.resources.memory is None and t.resources.cpus is None]
                 targets = enforced
         pins = {t.key: (mgr.placed_cpus[t.key], frozenset(mgr.pinned.get(t.key, ())))
                 for t in targets if t.key in mgr.placed_cpus}  # fmt: skip
@@ -136,7 +135,7 @@ class Monitor:
         result = await loop.run_in_executor(
             mgr.executor, self._measure, targets, pins, dict(mgr.external), list(mgr.busy_cgroups)
         )
-        self._act(targets, result)
+        self._act(targets, result, skipped)
         mgr.rounds += 1
 
     def _measure(
@@ -167,8 +166,8 @@ class Monitor:
             removed = [path for path in busy if cgroups.remove(path)]
         return _Round(usage=usage, host=host, pinned=pinned, dead_leases=dead, removed_cgroups=removed)
 
-    def _act(self, targets: Sequence[Target], result: _Round) -> None:
-        """The deciding half of a round (event loop)."""
+    def _act(self, targets: Sequence[Target], result: _Round, skipped: Sequence[Target] = ()) -> None:
+        """The deciding half of a round (event loop); ``skipped``: live replicas not measured this round."""
         mgr = self.manager
         mgr.host = result.host
         for lease_id in result.dead_leases:
@@ -193,7 +192,7 @@ class Monitor:
                 rss=usage.rss, soft=budget.soft if budget else None, hard=budget.hard if budget else None,
                 started_at=t.started_at_ns,
             ))  # fmt: skip
-        for t in self._cached:  # measured in an earlier round: their last figures still count
+        for t in skipped:  # measured in an earlier round: their last figures still count
             usage = mgr.usage.get(t.key)
             if usage is not None and mgr.alive.get(t.key) == t.pid:
                 candidates.append(Candidate(
