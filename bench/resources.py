@@ -73,28 +73,28 @@ class Hog(Service):
 # --- the measurements ---------------------------------------------------------------------------
 
 
-def _wait_exit(stream: Any, pid: int, ceiling: float = 30.0, seen: list[Any] | None = None) -> Any:
+def _wait_event(stream: Any, matches: Any, what: str, ceiling: float, seen: list[Any] | None = None) -> Any:
+    """The first event from ``stream`` for which ``matches(env)`` holds; RuntimeError after ``ceiling``."""
     deadline = time.monotonic() + ceiling
     while True:
         left = deadline - time.monotonic()
         env = stream.next_event(left) if left > 0 else None
         if env is None:
-            raise RuntimeError(f"no service.exited for pid {pid} within {ceiling:g}s")
+            raise RuntimeError(f"{what} within {ceiling:g}s")
         if seen is not None:
             seen.append(env)
-        if env.msg_type == "service.exited" and env.message.pid == pid:
+        if matches(env):
             return env
 
 
+def _wait_exit(stream: Any, pid: int, ceiling: float = 30.0, seen: list[Any] | None = None) -> Any:
+    return _wait_event(stream, lambda e: e.msg_type == "service.exited" and e.message.pid == pid,
+                       f"no service.exited for pid {pid}", ceiling, seen)
+
+
 def _wait_ready(stream: Any, incarnation: int, ceiling: float = 60.0) -> None:
-    deadline = time.monotonic() + ceiling
-    while True:
-        left = deadline - time.monotonic()
-        env = stream.next_event(left) if left > 0 else None
-        if env is None:
-            raise RuntimeError(f"hog incarnation {incarnation} not ready within {ceiling:g}s")
-        if env.msg_type == "service.ready" and env.message.incarnation >= incarnation:
-            return
+    _wait_event(stream, lambda e: e.msg_type == "service.ready" and e.message.incarnation >= incarnation,
+                f"hog incarnation {incarnation} not ready", ceiling)
 
 
 def bench_kill(runs: int) -> dict[str, Any]:
