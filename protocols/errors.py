@@ -30,6 +30,8 @@ class ErrorCode(StrEnum):
     HANDLER_ERROR = "handler_error"  # the service's handler raised
     UNAVAILABLE = "unavailable"  # the kernel or service could not be reached
     SHUTTING_DOWN = "shutting_down"  # the receiver is stopping and takes no new work
+    NOT_FOUND = "not_found"  # the named object (a key, a model, a job) does not exist
+    CORRUPTED = "corrupted"  # stored data failed its integrity check; nothing was returned
     INTERNAL = "internal"  # a bug on the receiving side; the reason says more
 
 
