@@ -30,6 +30,7 @@ from microkernel.config_resources import (
     parse_service_resources,
 )
 from microkernel.resources.gpu import GpuSettings
+from microkernel.supervisor.distributed import BACKENDS, DistributedSpec
 from microkernel.supervisor.policy import DependencyCycle
 from microkernel.supervisor.policy import start_order as _start_order
 from microkernel.supervisor.spec import BackoffSpec, GroupSpec, ReadyMode, RestartType, ServiceSpec, Strategy
@@ -65,8 +66,9 @@ _KERNEL_KEYS = (
 _SERVICE_KEYS = (
     "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
     "env", "cwd", "autostart", "intensity", "period", "backoff", "ready", "heartbeat",
-    "python", "config", "memory", "priority", "cpus", "gpu",
+    "python", "config", "memory", "priority", "cpus", "gpu", "distributed",
 )  # fmt: skip
+_DISTRIBUTED_KEYS = ("backend", "port", "master_addr")
 _BACKOFF_KEYS = ("initial", "factor", "max", "reset_after")
 _GROUP_KEYS = ("strategy", "services", "intensity", "period")
 
@@ -259,9 +261,29 @@ def _parse_service(services: _Table, name: str, *, sampling: bool = True) -> Ser
             config={} if config_table is None else dict(config_table.data),
             python=python,
             resources=resources,
+            distributed=_parse_distributed(table),
         )
     except ValueError as exc:  # pragma: no cover - the checks above are meant to catch everything first
         raise table.error(None, str(exc)) from None
+
+
+def _parse_distributed(service: _Table) -> DistributedSpec | None:
+    """``distributed = true`` (defaults) or ``distributed = { backend, port, master_addr }``."""
+    value = service.data.get("distributed", False)
+    if value is False:
+        return None
+    if value is True:
+        return DistributedSpec()
+    table = service.required_table("distributed")
+    table.check_keys(_DISTRIBUTED_KEYS)
+    backend = table.string("backend", "gloo")
+    if backend not in BACKENDS:
+        raise table.error("backend", f"expected one of {', '.join(BACKENDS)}, got {_show(backend)}")
+    port = table.integer("port", 0, minimum=0)
+    if port > 65535:
+        raise table.error("port", f"expected a TCP port (1..65535, or 0 to let the kernel pick), got {port}")
+    return DistributedSpec(backend=backend, port=port or None,
+                           master_addr=table.string("master_addr", "127.0.0.1", nonempty=True))
 
 
 def _check_plain_values(table: _Table, value: object, path: _Path) -> None:

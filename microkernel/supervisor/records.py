@@ -110,6 +110,8 @@ class ServiceRecord:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     failed: bool = False
     restarts: int = 0
+    rendezvous_port: int | None = None
+    """A distributed service's rendezvous port, chosen at its first spawn and kept across restarts."""
 
     @property
     def name(self) -> str:

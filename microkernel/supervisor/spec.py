@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from microkernel.resources.budgets import ServiceResources
+from microkernel.supervisor.distributed import DistributedSpec
 
 __all__ = [
     "BackoffSpec",
@@ -114,6 +115,8 @@ class ServiceSpec:
     """Interpreter for entries; ``None`` means the daemon's own ``sys.executable``."""
     resources: ServiceResources = field(default_factory=ServiceResources)
     """Memory budget, priority, CPUs and GPU lease (see ``docs/resources.md``)."""
+    distributed: DistributedSpec | None = None
+    """When set, the replicas are the ranks of one torch.distributed group (see ``distributed.py``)."""
 
     def __post_init__(self) -> None:
         if (self.entry is None) == (self.command is None):

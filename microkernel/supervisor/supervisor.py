@@ -33,6 +33,7 @@ from microkernel.resources.monitor import Target
 from microkernel.sentinel import MARKER_VAR, Sentinel
 from microkernel.supervisor.backoff import Backoff
 from microkernel.supervisor.intensity import RestartWindow
+from microkernel.supervisor.distributed import free_port, rank_environment
 from microkernel.supervisor.launch import argv_for, environment_for, standby_environment
 from microkernel.supervisor.policy import should_restart, siblings_to_restart
 from microkernel.supervisor.process import SpawnError, kill_tree, spawn
@@ -356,6 +357,11 @@ class Supervisor:
             self.board.claim(rep.board_slot, owner=rep.incarnation)
             extra[BOARD_ENV] = self.board.path
             extra[SLOT_ENV] = str(rep.board_slot)
+        if spec.distributed is not None:
+            if rec.rendezvous_port is None:
+                rec.rendezvous_port = spec.distributed.port or free_port(spec.distributed.master_addr)
+            extra.update(rank_environment(spec.distributed, rank=rep.index, world_size=rec.desired,
+                                          port=rec.rendezvous_port))
         env, endpoint = environment_for(
             spec,
             replica=rep.index,
@@ -621,8 +627,10 @@ class Supervisor:
             rec.desired = replicas
             while len(rec.replicas) < replicas:
                 rec.replicas.append(self._new_replica(rec.spec, len(rec.replicas)))
-            surplus = rec.replicas[replicas:]
+            # A distributed service's world size is its replica count: every rank restarts with the new one.
+            surplus = rec.replicas if rec.spec.distributed is not None and replicas != previous else rec.replicas[replicas:]
             await asyncio.gather(*(self._stop_replica(rec, r) for r in surplus))
+            surplus = rec.replicas[replicas:]
             self.resources.release_slots(name, (r.index for r in surplus))
             del rec.replicas[replicas:]
             if running and not self.shutting_down:

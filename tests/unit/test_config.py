@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from microkernel.config import ConfigError, KernelConfig, KernelSettings, load_config, parse_config
+from microkernel.supervisor.distributed import DistributedSpec, free_port, rank_environment
 from microkernel.supervisor.spec import BackoffSpec, GroupSpec, ReadyMode, RestartType, ServiceSpec, Strategy
 from protocols.endpoints import default_runtime_dir
 
@@ -1020,6 +1021,39 @@ BAD_CONFIGS = [
         "'loader' is listed before its dependency 'store'",
         id="rest-for-one-order-against-dependencies",
     ),
+    pytest.param(
+        """\
+        [services.t]
+        entry = "m:C"
+        distributed = "yes"
+        """,
+        "services.t.distributed",
+        3,
+        "expected a table",
+        id="distributed-not-a-table",
+    ),
+    pytest.param(
+        """\
+        [services.t]
+        entry = "m:C"
+        distributed = { backend = "tcp" }
+        """,
+        "services.t.distributed.backend",
+        3,
+        "expected one of gloo, nccl, mpi",
+        id="distributed-backend-unknown",
+    ),
+    pytest.param(
+        """\
+        [services.t]
+        entry = "m:C"
+        distributed = { port = 70000 }
+        """,
+        "services.t.distributed.port",
+        3,
+        "expected a TCP port",
+        id="distributed-port-out-of-range",
+    ),
 ]
 
 
@@ -1137,3 +1171,23 @@ def test_group_spec_normalises_and_validates() -> None:
         GroupSpec(name="g", intensity=-1)
     with pytest.raises(ValueError):
         GroupSpec(name="g", strategy="one_for_none")  # type: ignore[arg-type]
+
+
+def test_distributed_is_a_flag_or_a_table() -> None:
+    flag = parse_config('[services.t]\nentry = "m:C"\ndistributed = true\n').services["t"]
+    assert flag.distributed == DistributedSpec()
+    off = parse_config('[services.t]\nentry = "m:C"\ndistributed = false\n').services["t"]
+    assert off.distributed is None
+    table = parse_config('[services.t]\nentry = "m:C"\n'
+                         'distributed = { backend = "nccl", port = 29500, master_addr = "10.0.0.1" }\n').services["t"]
+    assert table.distributed == DistributedSpec(backend="nccl", port=29500, master_addr="10.0.0.1")
+
+
+def test_rank_environment_is_torchs_env_rendezvous() -> None:
+    env = rank_environment(DistributedSpec(), rank=1, world_size=2, port=29500)
+    assert env["RANK"] == env["MK_RANK"] == env["LOCAL_RANK"] == "1"
+    assert env["WORLD_SIZE"] == env["MK_WORLD_SIZE"] == "2"
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["MK_DIST_BACKEND"]) == ("127.0.0.1", "29500", "gloo")
+    with pytest.raises(ValueError):
+        rank_environment(DistributedSpec(), rank=2, world_size=2, port=29500)
+    assert 0 < free_port() < 65536
