@@ -24,6 +24,8 @@ from microkernel.resources.manager import ResourceManager
 from microkernel.resources.monitor import Monitor
 from microkernel.rundir import RuntimeDir
 from microkernel.sentinel import Sentinel
+from microkernel.status_cache import StatusCache
+from microkernel.supervisor.records import status_changes
 from microkernel.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("microkernel.kernel")
@@ -54,10 +56,24 @@ class Kernel:
         self.resources: ResourceManager
         self.supervisor: Supervisor
         self.control: ControlRouter
+        self._status = StatusCache(self._status_key)
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started
+
+    def _status_key(self) -> tuple[Any, ...]:
+        standby = self.supervisor.standby
+        return (status_changes.value, self.resources.status_key(), self.supervisor.shutting_down,
+                None if standby is None else tuple(standby.summary().values()))
+
+    def status_reply(self, service: str | None) -> m.StatusReply:
+        """The reply to a ``status_request`` (see :mod:`microkernel.status_cache`)."""
+        names = None if service is None else [service]
+        if service is not None:
+            self.supervisor.service(service)  # an unknown name is an error, never a cached reply
+        return self._status.get(service, lambda: m.StatusReply(kernel=self.summary(),
+                                                               services=self.supervisor.status(names)))
 
     def summary(self) -> dict[str, Any]:
         """The ``kernel`` map of a status reply."""

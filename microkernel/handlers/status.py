@@ -6,5 +6,4 @@ from microkernel.handlers.registry import handles
 
 @handles(m.StatusRequest)
 def status(kernel, env):
-    names = None if env.message.service is None else [env.message.service]
-    return m.StatusReply(kernel=kernel.summary(), services=kernel.supervisor.status(names))
+    return kernel.status_reply(env.message.service)

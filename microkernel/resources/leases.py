@@ -194,6 +194,8 @@ class LeaseTable:
         self._on: dict[str, set[str]] = {u: set() for u in uuids}  # device → lease ids
         self._exclusive: set[str] = set()  # devices held by an exclusive lease
         self._ids = itertools.count(1)
+        self.generation = 0
+        """Bumped by every grant, binding and release (lets readers cache views of the table)."""
 
     @property
     def devices(self) -> tuple[Device, ...]:
@@ -267,12 +269,14 @@ class LeaseTable:
             else:
                 self._used[uuid] += lease.memory
         self._leases[lease.id] = lease
+        self.generation += 1
         return lease
 
     def bind_pid(self, lease_id: str, pid: int) -> Lease:
         """Bind a static lease (granted before spawn) to the process it was granted for; KeyError if unknown."""
         lease = replace(self._leases[lease_id], pid=pid)
         self._leases[lease_id] = lease
+        self.generation += 1
         return lease
 
     def release(self, lease_id: str) -> Lease | None:
@@ -280,6 +284,7 @@ class LeaseTable:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return None
+        self.generation += 1
         for uuid in lease.devices:
             self._on[uuid].discard(lease.id)
             if lease.mode is LeaseMode.EXCLUSIVE:

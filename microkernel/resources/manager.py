@@ -122,6 +122,8 @@ class ResourceManager:
         """Lease id → (pid, start time) of a client process the lease is bound to."""
         self.busy_cgroups: list[Path] = []
         self.rounds = 0
+        self.generation = 0
+        """Bumped by admissions, placements and exits; with the lease table's, keys cached status views."""
         """Sampling rounds completed (status shows it: a client can wait for fresh samples)."""
 
     # --- start-up ------------------------------------------------------------------------------
@@ -177,11 +179,13 @@ class ResourceManager:
         except AdmissionError as exc:
             details = {"requested": exc.requested, "free": exc.free, "capacity": exc.capacity}
             raise MicrokernelError(ErrorCode.BAD_STATE, f"{service}: {exc}", details) from None
+        self.generation += 1
 
     def release_slots(self, service: str, indices: Iterable[int]) -> None:
         """Give back the reservations of stopped or scaled-away replica slots."""
         for i in indices:
             self.pool.release((service, i))
+        self.generation += 1
 
     # --- one replica process -------------------------------------------------------------------
 
@@ -239,6 +243,7 @@ class ResourceManager:
 
     def abandon(self, placement: Placement) -> None:
         """The process was never spawned: give its lease and cgroup back."""
+        self.generation += 1
         if placement.lease is not None:
             self.broker.release(placement.lease.id)
         if placement.cgroup is not None and self.cgroup_manager is not None:
@@ -247,6 +252,7 @@ class ResourceManager:
 
     def spawned(self, key: ReplicaKey, pid: int, placement: Placement) -> None:
         """The process is running: bind its lease to it and start sampling it."""
+        self.generation += 1
         if placement.lease is not None:
             self.broker.bind_pid(placement.lease.id, pid)
         self.alive[key] = pid
@@ -256,6 +262,7 @@ class ResourceManager:
 
     def exited(self, key: ReplicaKey, pid: int, placement: Placement) -> ExitFacts:
         """The process is gone (whatever the reason): release what it held; report an OOM kill."""
+        self.generation += 1
         usage = self.usage.pop(key, None)
         self.alive.pop(key, None)
         self.placed_cpus.pop(key, None)
@@ -350,6 +357,10 @@ class ResourceManager:
             },
             "cpus": list(self.cpus),
         }
+
+    def status_key(self) -> tuple[int, int, int]:
+        """Changes whenever admissions, placements, leases or waiting requests change."""
+        return (self.generation, self.broker.table.generation, len(self.broker.waiters()))
 
     def replica_view(self, key: ReplicaKey | None, holder: str) -> dict[str, Any]:
         """Per-replica resource fields of the status: last sample, leases, CPUs, GPU memory."""

@@ -24,6 +24,23 @@ if TYPE_CHECKING:
 
 S = ReplicaState
 
+class ChangeCounter:
+    """Counts changes to the fields the status shows, so that status replies can be cached."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+status_changes = ChangeCounter()
+"""Bumped by every assignment to a field of a replica or service record that the status shows."""
+
+_REPLICA_STATUS_FIELDS = frozenset({
+    "state", "incarnation", "pid", "endpoint", "started_at_ns", "ready_at_ns", "restarts", "last_exit", "detail",
+})  # fmt: skip
+_SERVICE_STATUS_FIELDS = frozenset({"spec", "desired", "replicas", "failed", "restarts"})
+
 # Which replica state represents a service best when replicas disagree (first wins).
 _AGGREGATE_PRIORITY = (S.FAILED, S.STOPPING, S.STARTING, S.BACKOFF, S.WAITING, S.EXITED, S.RUNNING, S.READY, S.STOPPED)
 
@@ -59,6 +76,11 @@ class ReplicaRecord:
     board_slot: int | None = None
     board_seen_ns: int = 0
     holds_start_slot: bool = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _REPLICA_STATUS_FIELDS:
+            status_changes.value += 1
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -113,6 +135,11 @@ class ServiceRecord:
     rendezvous_port: int | None = None
     """A distributed service's rendezvous port, chosen at its first spawn and kept across restarts."""
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _SERVICE_STATUS_FIELDS:
+            status_changes.value += 1
+
     @property
     def name(self) -> str:
         return self.spec.name
@@ -122,6 +149,7 @@ class ServiceRecord:
 
     def refresh(self) -> None:
         """Recompute the readiness event after any replica state change and wake waiters."""
+        status_changes.value += 1  # also covers in-place changes of ``replicas`` (scaling)
         if self.up_count() > 0:
             self.up_event.set()
         else:

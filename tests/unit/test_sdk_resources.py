@@ -5,6 +5,7 @@ never import it itself)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from types import SimpleNamespace
 from typing import Any
@@ -61,7 +62,13 @@ def test_nothing_happens_without_torch_and_torch_is_never_imported() -> None:
     modules: dict[str, Any] = {}
     assert apply_resource_limits({**lease_env(), "MK_CPU_THREADS": "2"}, modules) == []
     assert modules == {}
-    assert "torch" not in sys.modules
+    # In a fresh interpreter: other tests of this process may have imported torch already.
+    check = ("import json, sys\n"
+             "from services.runner import apply_resource_limits\n"
+             f"apply_resource_limits(json.loads({json.dumps(json.dumps(lease_env()))}), sys.modules)\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_threads_and_memory_fractions_are_applied_when_torch_is_imported() -> None:
