@@ -29,6 +29,7 @@ from microkernel.cli_format import (
     service_detail,
     status_table,
 )
+from microkernel import cli_store
 from microkernel.cli_resources import leases_text, resources_line, top_table
 from microkernel.client import Client, KernelUnavailable, resolve_endpoint
 
@@ -147,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh period (default 1 s)")
     p.add_argument("-n", "--count", type=_int_at_least(1), metavar="N", help="exit after N refreshes")
     command("leases", "show the GPU devices, their leases, holders, free memory and waiting requests")
+    for extension in _EXTENSIONS:  # the built-in services' commands (store, models, infer, train)
+        COMMANDS.update(extension.register(command))
     command("ping", "check that the kernel answers")
     command("shutdown", "stop every service and the kernel")
     return parser
@@ -273,6 +276,9 @@ def _cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
     reply = client.shutdown()
     return _emit(args, reply, f"microkerneld is shutting down ({reply.get('services', 0)} services to stop)")
 
+
+# Modules adding commands for the built-in services; each has ``register(command) -> {name: handler}``.
+_EXTENSIONS = (cli_store,)
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": _cmd_status,
