@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from protocols import messages, wire
+from protocols import messages, shm, wire
 from protocols.errors import CallTimeout, ErrorCode, MicrokernelError
 from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
@@ -74,6 +74,8 @@ class AsyncDirectory:
         self.control = control
         self.sender = sender
         self.max_size = max_size
+        # Large arguments go to same-host replicas by shared memory (MK_SHM_THRESHOLD).
+        self.shm_threshold = shm.threshold_from_env()
         self._routes: dict[str, _Route] = {}
 
     async def _route(self, service: str, timeout: float, refresh: bool = False) -> tuple[_Route, bool]:
@@ -86,7 +88,8 @@ class AsyncDirectory:
         return _install(self._routes, service, _check_lookup(env.message), now, self._requester), False
 
     def _requester(self, endpoints: list[str]) -> AsyncRequester:
-        return AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
+        return AsyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size,
+                              shm_threshold=self.shm_threshold)
 
     async def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
@@ -119,6 +122,8 @@ class SyncDirectory:
         self.control = control
         self.sender = sender
         self.max_size = max_size
+        # Large arguments go to same-host replicas by shared memory (MK_SHM_THRESHOLD).
+        self.shm_threshold = shm.threshold_from_env()
         self._routes: dict[str, _Route] = {}
 
     def _route(self, service: str, timeout: float, refresh: bool = False) -> tuple[_Route, bool]:
@@ -131,7 +136,8 @@ class SyncDirectory:
         return _install(self._routes, service, _check_lookup(env.message), now, self._requester), False
 
     def _requester(self, endpoints: list[str]) -> SyncRequester:
-        return SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size)
+        return SyncRequester(self.ctx, endpoints, sender=self.sender, immediate=True, max_size=self.max_size,
+                              shm_threshold=self.shm_threshold)
 
     def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""

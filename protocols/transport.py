@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from protocols import wire
+from protocols import handover, wire
 from protocols.errors import CallTimeout, ErrorCode, MicrokernelError, ProtocolError, RemoteError
 
 log = logging.getLogger("microkernel.transport")
@@ -84,6 +84,11 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> Non
     for i in range(last):
         _send(sock, frames[i], more, copy)
     _send(sock, frames[last], flags, copy)
+
+
+def same_host(endpoints: Sequence[str]) -> bool:
+    """Whether every endpoint is reachable only from this host (ipc/inproc): shared memory may be used."""
+    return bool(endpoints) and all(ep.startswith(("ipc://", "inproc://")) for ep in endpoints)
 
 
 class NoPeer(MicrokernelError):
@@ -265,6 +270,7 @@ class AsyncRequester:
         identity: bytes | None = None,
         immediate: bool = False,
         max_size: int | None = None,
+        shm_threshold: int | None = None,
     ) -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
@@ -277,6 +283,9 @@ class AsyncRequester:
         self.endpoints = list(endpoints)
         self.sender = sender
         self.max_size = max_size
+        # Requests' large payloads go by shared memory while every peer is on this host.
+        self.shm_threshold = shm_threshold
+        self._shm = shm_threshold if same_host(self.endpoints) else None
         self._pending: dict[bytes, asyncio.Future[wire.Envelope]] = {}
         self.on_unsolicited: Callable[[wire.Envelope], None] | None = None
         self.socket = AsyncSocket(sock, self._on_message)
@@ -285,10 +294,12 @@ class AsyncRequester:
         if endpoint not in self.endpoints:
             self.socket.sock.connect(endpoint)
             self.endpoints.append(endpoint)
+            self._shm = self.shm_threshold if same_host(self.endpoints) else None
 
     def disconnect(self, endpoint: str) -> None:
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
+            self._shm = self.shm_threshold if same_host(self.endpoints) else None
             try:
                 self.socket.sock.disconnect(endpoint)
             except zmq.ZMQError:
@@ -298,7 +309,14 @@ class AsyncRequester:
         try:
             env = wire.decode(frames, max_size=self.max_size)
         except ProtocolError as exc:
-            log.warning("dropping an undecodable reply: %s", exc)
+            # A reply that names its request but cannot be used (its shared memory is gone, it is
+            # too large) fails that request at once rather than leaving it to time out.
+            header = getattr(exc, "header", None)
+            fut = self._pending.pop(header.parent_id, None) if header is not None and header.parent_id else None
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            else:
+                log.warning("dropping an undecodable reply: %s", exc)
             return
         parent = env.header.parent_id
         fut = self._pending.pop(parent, None) if parent is not None else None
@@ -323,12 +341,16 @@ class AsyncRequester:
         msg_id = wire.new_msg_id()
         if deadline_ns is None and timeout is not None:
             deadline_ns = time.time_ns() + int(timeout * 1e9)
-        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
+        handoffs: list[str] = []
+        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
+                             shm_threshold=self._shm, handoffs=handoffs)
         fut: asyncio.Future[wire.Envelope] = self.socket.loop.create_future()
         self._pending[msg_id] = fut
         if try_now:
             if not self.socket.try_send(frames):
                 del self._pending[msg_id]
+                if handoffs:
+                    handover.reclaim(handoffs)
                 raise NoPeer(f"no connected peer at {', '.join(self.endpoints) or 'nowhere'}")
         else:
             self.socket.send(frames)
@@ -363,6 +385,7 @@ class SyncRequester:
         sender: str,
         immediate: bool = False,
         max_size: int | None = None,
+        shm_threshold: int | None = None,
     ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
@@ -374,15 +397,19 @@ class SyncRequester:
         self.endpoints = list(endpoints)
         self.sender = sender
         self.max_size = max_size
+        self.shm_threshold = shm_threshold  # as for AsyncRequester
+        self._shm = shm_threshold if same_host(self.endpoints) else None
 
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.endpoints:
             self.sock.connect(endpoint)
             self.endpoints.append(endpoint)
+            self._shm = self.shm_threshold if same_host(self.endpoints) else None
 
     def disconnect(self, endpoint: str) -> None:
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
+            self._shm = self.shm_threshold if same_host(self.endpoints) else None
             try:
                 self.sock.disconnect(endpoint)
             except zmq.ZMQError:
@@ -404,18 +431,24 @@ class SyncRequester:
         deadline = time.monotonic() + timeout
         if deadline_ns is None:
             deadline_ns = time.time_ns() + int(timeout * 1e9)
-        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
+        handoffs: list[str] = []
+        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
+                             shm_threshold=self._shm, handoffs=handoffs)
         sock = self.sock
         if try_now:
             try:
                 send_message(sock, frames, NOBLOCK)
             except zmq.Again:
+                if handoffs:
+                    handover.reclaim(handoffs)
                 raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
         else:
             self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
             try:
                 send_message(sock, frames)
             except zmq.Again:
+                if handoffs:
+                    handover.reclaim(handoffs)
                 raise CallTimeout(f"could not send {wire.msg_type_of(message)} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
         while True:
             # A receive timeout instead of poll()+recv(): one system call less per round trip.
@@ -430,6 +463,9 @@ class SyncRequester:
             try:
                 env = wire.decode(frames_in, max_size=self.max_size)
             except ProtocolError as exc:
+                header = getattr(exc, "header", None)
+                if header is not None and header.parent_id == msg_id:
+                    raise  # the reply to this request cannot be used (see AsyncRequester._on_message)
                 log.warning("dropping an undecodable reply: %s", exc)
                 continue
             if env.header.parent_id == msg_id:

@@ -9,6 +9,11 @@ A message on the wire is a ZeroMQ multipart message::
 64 KiB or more (``bytes``, ``bytearray``, ``memoryview``) are not copied into the body: they
 travel as extra frames, sent with ``copy=False``, and the body holds a msgpack extension that
 points at the frame; smaller binaries are inlined as msgpack ``bin``. Decoding gives read-only views of the received frames, never copies. No pickle.
+
+To a same-host peer (an ``ipc://`` or ``inproc://`` socket) the sender may pass ``shm_threshold``:
+arrays and binaries of at least that many bytes, and arrays that already live in a shared-memory
+segment (``protocols.shm.empty``), are then handed over by shared memory (``EXT_SHM``) instead of
+a frame, and the receiver maps them read-only without copying (see ``protocols.handover``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, NamedTuple, Sequence
 
 import msgpack
 
-from protocols import messages
+from protocols import handover, messages, shm
 from protocols.errors import ErrorCode, ProtocolError
 from protocols.registry import body_getter, build, class_for, type_of
 
@@ -31,6 +36,7 @@ PROTOCOL_VERSION = (1, 2)
 INLINE_BYTES_LIMIT = 64 * 1024
 EXT_BUFFER = 1
 EXT_NDARRAY = 2
+EXT_SHM = 3
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
@@ -118,23 +124,65 @@ def _externalize(obj: Any, buffers: list[Any]) -> Any:
     if t is bytes:
         if len(obj) < INLINE_BYTES_LIMIT:
             return obj
-        buffers.append(obj)
-        return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
+        return _shm_binary_ref(obj) or _frame_ref(obj, buffers)
     if t is bytearray or t is memoryview:
-        buffers.append(obj)
-        return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
+        return _shm_binary_ref(obj) or _frame_ref(obj, buffers)
     ref = _array_ref(obj, buffers)
     return obj if ref is None else ref
 
 
+def _frame_ref(obj: Any, buffers: list[Any]) -> msgpack.ExtType:
+    buffers.append(obj)
+    return msgpack.ExtType(EXT_BUFFER, msgpack.packb(len(buffers) - 1))
+
+
 def _array_ref(obj: Any, buffers: list[Any]) -> msgpack.ExtType | None:
-    """An NDARRAY reference for an array-like (numpy arrays and scalars), its data queued as a frame."""
+    """An NDARRAY reference for an array-like (numpy arrays and scalars), its data queued as a frame
+    (or an SHM reference, when shared memory is on for this message and the array qualifies)."""
     if getattr(obj, "__array_interface__", None) is None or not hasattr(obj, "dtype"):
         return None
+    if _packers.shm_threshold is not None and obj.ndim:
+        ref = _shm_ref(obj, obj.nbytes, [obj.dtype.str, list(obj.shape)])
+        if ref is not None:
+            return ref
     if not obj.flags["C_CONTIGUOUS"]:
         obj = obj.copy(order="C")  # a frame must be one contiguous buffer
     buffers.append(obj.data if obj.ndim else obj.reshape(1).data)
     return msgpack.ExtType(EXT_NDARRAY, msgpack.packb([len(buffers) - 1, obj.dtype.str, list(obj.shape)]))
+
+
+def _shm_binary_ref(obj: Any) -> msgpack.ExtType | None:
+    if _packers.shm_threshold is None:
+        return None
+    view = memoryview(obj)
+    if not view.c_contiguous:
+        return None
+    return _shm_ref(obj, view.nbytes, [None, None])
+
+
+def _shm_ref(obj: Any, nbytes: int, typing: list[Any]) -> msgpack.ExtType | None:
+    """``[name, offset, nbytes, dtype, shape]`` for a payload handed over by shared memory, or None
+    (below the threshold and not already in a segment, or /dev/shm refused it: a frame then)."""
+    p = _packers
+    threshold = p.shm_threshold
+    assert threshold is not None
+    # A body may be packed twice (see _pack_body): the second pass reuses the first's hand-overs.
+    ref = p.shm_refs.get(id(obj))
+    if ref is not None:
+        return ref
+    if nbytes < threshold and (nbytes == 0 or shm.mapping_of(obj) is None):
+        return None
+    data = obj
+    if hasattr(obj, "flags") and not obj.flags["C_CONTIGUOUS"]:
+        data = obj.copy(order="C")
+    try:
+        name, offset = handover.export(data, p.shm_links)
+    except (OSError, ValueError, BufferError):
+        return None
+    if p.handoffs is not None and name not in p.handoffs:
+        p.handoffs.append(name)
+    ref = p.shm_refs[id(obj)] = msgpack.ExtType(EXT_SHM, msgpack.packb([name, offset, nbytes, *typing]))
+    return ref
 
 
 def _has_large_binary(body: dict[str, Any]) -> bool:
@@ -169,6 +217,12 @@ class _Packers(threading.local):
 
     def __init__(self) -> None:
         self.buffers: list[Any] = []
+        # Shared-memory hand-over for the body being packed (None: frames only), the segment
+        # links made for it (one per segment per message) and where to report hand-over names.
+        self.shm_threshold: int | None = None
+        self.shm_links: dict[str, str] = {}
+        self.shm_refs: dict[int, msgpack.ExtType] = {}
+        self.handoffs: list[str] | None = None
         self.header = msgpack.Packer(use_bin_type=True)
         self.body = msgpack.Packer(use_bin_type=True, default=self._default)
 
@@ -180,6 +234,33 @@ class _Packers(threading.local):
 
 
 _packers = _Packers()
+
+
+def _pack_body_shm(body: dict[str, Any], threshold: int, handoffs: list[str] | None) -> tuple[bytes, list[Any]]:
+    """``_pack_body`` with shared-memory hand-over of large payloads on (same-host peers).
+
+    Packed as usual first: most bodies have no frame at all, or only small ones, and then cost
+    nothing more. Only when a frame qualifies is the body packed again with hand-over on.
+    """
+    packed, buffers = _pack_body(body)
+    if not buffers:
+        return packed, buffers
+    threshold = max(threshold, INLINE_BYTES_LIMIT)
+    for b in buffers:
+        if _nbytes(b) >= threshold or shm.mapping_of(b) is not None:
+            break
+    else:
+        return packed, buffers
+    p = _packers
+    names: list[str] = [] if handoffs is None else handoffs
+    p.shm_threshold, p.shm_links, p.shm_refs, p.handoffs = threshold, {}, {}, names
+    try:
+        return _pack_body(body)
+    except BaseException:
+        handover.reclaim(names)  # the message will not be sent: nobody will claim them
+        raise
+    finally:
+        p.shm_threshold, p.shm_links, p.shm_refs, p.handoffs = None, {}, {}, None
 
 
 def _pack_body(body: dict[str, Any]) -> tuple[bytes, list[Any]]:
@@ -252,15 +333,25 @@ def encode(
     msg_id: bytes | None = None,
     routing: Sequence[bytes] = (),
     topic: str | None = None,
+    shm_threshold: int | None = None,
+    handoffs: list[str] | None = None,
 ) -> list[Any]:
-    """Frames for ``message_obj``: routing ids (or the topic), MAGIC, header, body, buffers."""
+    """Frames for ``message_obj``: routing ids (or the topic), MAGIC, header, body, buffers.
+
+    ``shm_threshold`` (same-host request/reply peers only, never pub/sub: a hand-over has one
+    receiver): payloads of at least that many bytes go by shared memory; the hand-over names
+    are appended to ``handoffs`` (to ``protocols.handover.reclaim`` them if the send fails).
+    """
     if type(message_obj) is Event:
         msg_type, body = message_obj.name, message_obj.data
     else:
         msg_type = type_of(message_obj)
         body = body_getter(type(message_obj))(message_obj)
     header = _pack_header(msg_type, sender, msg_id, parent_id, deadline_ns, status)
-    packed, buffers = _pack_body(body)
+    if shm_threshold is None or topic is not None:
+        packed, buffers = _pack_body(body)
+    else:
+        packed, buffers = _pack_body_shm(body, shm_threshold, handoffs)
     frames: list[Any] = list(routing)
     if topic is not None:
         frames.append(topic.encode())
@@ -284,9 +375,18 @@ def encode_reply(request: Header, message_obj: Any, *, sender: str, routing: Seq
     return encode(message_obj, sender=sender, parent_id=request.msg_id, status=STATUS_OK, routing=routing)
 
 
-def encode_result(request: Header, result: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
-    """``encode_reply(request, RpcReply(result=result), ...)``, for the data plane's hot path."""
-    packed, buffers = _pack_body({"result": result})
+def encode_result(
+    request: Header, result: Any, *, sender: str, routing: Sequence[bytes] = (), shm_threshold: int | None = None,
+    handoffs: list[str] | None = None,
+) -> list[Any]:
+    """``encode_reply(request, RpcReply(result=result), ...)``, for the data plane's hot path.
+
+    ``shm_threshold`` and ``handoffs`` as for ``encode``.
+    """
+    if shm_threshold is None:
+        packed, buffers = _pack_body({"result": result})
+    else:
+        packed, buffers = _pack_body_shm({"result": result}, shm_threshold, handoffs)
     header = _pack_header("rpc_reply", sender, None, request.msg_id, None, STATUS_OK)
     if buffers:
         return [*routing, MAGIC, header, packed, *buffers]
@@ -400,15 +500,51 @@ def _loose_header(h: dict[str, Any]) -> Header | None:
     return Header(msg_id=msg_id, msg_type=msg_type, version=PROTOCOL_VERSION, sender=str(h.get("sender", "")), ts_ns=0)
 
 
+class _ShmSeen(Exception):
+    """A shared-memory reference in a message decoded without claims bookkeeping: decode again."""
+
+
 def _no_buffers_hook(code: int, data: bytes) -> Any:
     """The ext hook of a message without buffer frames: a reference can only be malformed."""
     if code == EXT_BUFFER or code == EXT_NDARRAY:
         raise ProtocolError(ErrorCode.MALFORMED, "buffer reference with no buffer frames in the message")
+    if code == EXT_SHM:
+        raise _ShmSeen()
     return msgpack.ExtType(code, data)
 
 
-def _ext_hook_for(buffers: list[Any]):
+def _shm_value(data: bytes, claims: dict[str, memoryview], allowed: bool) -> Any:
+    """The array (or read-only memoryview) a valid ``[name, offset, nbytes, dtype, shape]`` names."""
+    if not allowed:
+        raise ProtocolError(ErrorCode.FORBIDDEN, "shared-memory references are accepted only from same-host peers")
+    try:
+        ref = msgpack.unpackb(data, raw=False)
+    except Exception:
+        ref = None
+    if not (type(ref) is list and len(ref) == 5 and shm.valid_name(ref[0])
+            and type(ref[1]) is int and ref[1] >= 0 and type(ref[2]) is int and ref[2] >= 0
+            and ((ref[3] is None and ref[4] is None) or (type(ref[3]) is str and type(ref[4]) is list
+                 and all(type(d) is int and d >= 0 for d in ref[4])))):
+        raise ProtocolError(ErrorCode.MALFORMED, "shm reference must be [segment name, offset, nbytes, dtype, shape]")
+    name, offset, nbytes, dtype, shape = ref
+    view = claims.get(name)
+    if view is None:
+        try:
+            view = claims[name] = handover.claim(name)
+        except handover.ClaimError as exc:
+            raise ProtocolError(ErrorCode.NOT_FOUND if exc.missing else ErrorCode.MALFORMED, str(exc)) from None
+    if offset + nbytes > view.nbytes:
+        raise ProtocolError(ErrorCode.MALFORMED, f"shm reference [{offset}, +{nbytes}) exceeds segment {name} of {view.nbytes} bytes")
+    part = view[offset:offset + nbytes]
+    return part if dtype is None else _array(part, dtype, tuple(shape))
+
+
+def _ext_hook_for(buffers: list[Any], shm_allowed: bool = True):
+    claims: dict[str, memoryview] = {}  # one claim per hand-over name per message
+
     def hook(code: int, data: bytes) -> Any:
+        if code == EXT_SHM:
+            return _shm_value(data, claims, shm_allowed)
         if code == EXT_BUFFER:
             index = msgpack.unpackb(data)
             if type(index) is not int or not 0 <= index < len(buffers):
@@ -468,8 +604,12 @@ def _locate(frames: Sequence[Any], topic: bool) -> tuple[int, list[bytes], str |
     raise err
 
 
-def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None = None) -> Envelope:
+def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None = None, shm: bool = True) -> Envelope:
     """Parse and validate one inbound multipart message.
+
+    Shared-memory references are claimed (mapped read-only, their names unlinked) unless ``shm``
+    is False (a socket open to other hosts) or the message is an event (``topic``): then they
+    are refused. ``max_size`` counts frames only.
 
     Raises ``ProtocolError``; when the header could be read the exception carries it as
     ``.header`` (and the routing ids as ``.routing``) so the caller can address an error reply.
@@ -499,7 +639,7 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
         raise
     buffers = list(frames[start + 3:]) if n > start + 3 else []
     try:
-        message_obj = _decode_body(frames[start + 2], header, buffers, topic_name)
+        message_obj = _decode_body(frames[start + 2], header, buffers, topic_name, shm and not topic)
     except ProtocolError as err:
         err.routing = routing  # type: ignore[attr-defined]
         err.header = header  # type: ignore[attr-defined]
@@ -507,9 +647,12 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
     return Envelope(routing, header, message_obj, buffers, topic_name)
 
 
-def _decode_body(raw: Any, header: Header, buffers: list[Any], topic_name: str | None) -> Any:
+def _decode_body(raw: Any, header: Header, buffers: list[Any], topic_name: str | None, shm_allowed: bool = True) -> Any:
     try:
-        body = msgpack.unpackb(raw, raw=False, ext_hook=_ext_hook_for(buffers) if buffers else _no_buffers_hook)
+        try:
+            body = msgpack.unpackb(raw, raw=False, ext_hook=_ext_hook_for(buffers, shm_allowed) if buffers else _no_buffers_hook)
+        except _ShmSeen:
+            body = msgpack.unpackb(raw, raw=False, ext_hook=_ext_hook_for(buffers, shm_allowed))
     except ProtocolError:
         raise
     except Exception as exc:

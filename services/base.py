@@ -28,8 +28,8 @@
 Rules of the road:
 
 * Handlers receive ``RpcRequest.args`` as keyword arguments. numpy arrays arrive as read-only
-  arrays and large binaries as read-only memoryviews, both backed by the received frames (no
-  copy). Results may contain numpy arrays, bytes and memoryviews (sent as extra frames) and torch
+  arrays and large binaries as read-only memoryviews, both backed by the received frames, or by
+  a shared-memory mapping for large ones from a peer on this host (no copy either way). Results may contain numpy arrays, bytes and memoryviews (sent as extra frames) and torch
   tensors (converted to numpy on the way out).
 * Sync handlers run inline on the event loop: keep them short. Anything slow belongs in an
   ``async def`` handler, and blocking work in ``await asyncio.to_thread(...)``. A blocked loop

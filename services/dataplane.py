@@ -5,6 +5,11 @@ drains with NOBLOCK), and a sync handler is decoded, dispatched, encoded and sen
 that callback: no await, no task, no future per message. Only ``async def`` handlers become
 tasks, tracked in a set so none is orphaned and graceful stop can wait for them.
 
+Results to a same-host caller (the endpoint is ``ipc://`` or ``inproc://``) holding arrays or
+binaries of at least ``shm_threshold`` bytes (``MK_SHM_THRESHOLD``, default 16 MiB), or arrays
+already in shared memory (``protocols.shm.empty``), are handed over by shared memory instead of
+frames; a tcp endpoint always sends frames and refuses shared-memory references.
+
 Every inbound message gets exactly one reply (except replies sent to us, which are dropped so
 two peers can never ping-pong errors): garbage frames, unknown types, oversized messages and
 handler failures all turn into error replies, never into a crash of the replica.
@@ -22,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from protocols import messages, wire
+from protocols import handover, messages, shm, wire
 from protocols.endpoints import ipc_path
 from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
 from protocols.transport import AsyncSocket
@@ -72,7 +77,10 @@ class DataPlane:
         sender: str,
         log: logging.Logger,
         max_size: int | None = None,
+        shm_threshold: int | None | bool = True,
     ) -> None:
+        """``shm_threshold``: True takes ``MK_SHM_THRESHOLD`` (default 16 MiB), None/False turns
+        shared memory off; it is always off unless ``endpoint`` is same-host (ipc/inproc)."""
         path = ipc_path(endpoint)
         if path is not None:
             # The kernel creates the runtime dir; the svc/ subdirectory may not exist yet.
@@ -90,6 +98,12 @@ class DataPlane:
         self.sender = sender
         self.log = log
         self.max_size = max_size
+        same_host = endpoint.startswith(("ipc://", "inproc://"))
+        if shm_threshold is True:
+            shm_threshold = shm.threshold_from_env()
+        self.shm_threshold: int | None = shm_threshold if same_host and shm_threshold else None
+        self._shm_accepted = same_host
+        self._shm_expiry: asyncio.TimerHandle | None = None
         self.phase = Phase.STARTING
         self.tasks: set[asyncio.Task[None]] = set()
         self._bad_input = _Throttle()
@@ -110,7 +124,7 @@ class DataPlane:
 
     def _on_message(self, frames: list[Any]) -> None:
         try:
-            env = wire.decode(frames, max_size=self.max_size)
+            env = wire.decode(frames, max_size=self.max_size, shm=self._shm_accepted)
         except ProtocolError as exc:
             self._reject(exc)
             return
@@ -162,6 +176,9 @@ class DataPlane:
         self._reply(env, handler.name, result)
 
     def _reply(self, env: wire.Envelope, method: str, result: Any) -> None:
+        if self.shm_threshold is not None:
+            self._reply_shm(env, method, result)
+            return
         try:
             frames = wire.encode_result(env.header, result, sender=self.sender, routing=env.routing)
         except (TypeError, ValueError, OverflowError):
@@ -172,6 +189,34 @@ class DataPlane:
                 self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
                 return
         self.socket.send(frames)
+
+    def _reply_shm(self, env: wire.Envelope, method: str, result: Any) -> None:
+        """``_reply`` to a same-host caller: large payloads are handed over by shared memory."""
+        handoffs: list[str] = []
+        threshold = self.shm_threshold
+        try:
+            frames = wire.encode_result(env.header, result, sender=self.sender, routing=env.routing,
+                                        shm_threshold=threshold, handoffs=handoffs)
+        except (TypeError, ValueError, OverflowError):
+            # (A failed encoding has already taken back its hand-overs.)
+            handoffs.clear()
+            try:
+                frames = wire.encode_result(env.header, portable(result), sender=self.sender, routing=env.routing,
+                                            shm_threshold=threshold, handoffs=handoffs)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
+                return
+        if not self.socket.send(frames) and handoffs:
+            handover.reclaim(handoffs)  # the reply was dropped: nobody will claim its segments
+        elif handoffs and self._shm_expiry is None:
+            # Hand-overs a caller never claims (it gave up, or died) are unlinked after a while.
+            self._shm_expiry = self._loop.call_later(handover.CLAIM_TTL_S + 1.0, self._expire_shm)
+
+    def _expire_shm(self) -> None:
+        self._shm_expiry = None
+        handover.expire()
+        if handover.pending():
+            self._shm_expiry = self._loop.call_later(handover.CLAIM_TTL_S / 2, self._expire_shm)
 
     def _error(self, env: wire.Envelope, code: ErrorCode | str, reason: str, details: dict[str, Any] | None = None) -> None:
         self.socket.send(wire.encode_error(env.header, code, reason, sender=self.sender, details=details, routing=env.routing))
@@ -246,4 +291,7 @@ class DataPlane:
         """Close the socket, giving queued replies ``linger`` ms to leave."""
         for task in self.tasks:
             task.cancel()
+        if self._shm_expiry is not None:
+            self._shm_expiry.cancel()
+            self._shm_expiry = None
         self.socket.close(linger=linger)

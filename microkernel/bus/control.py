@@ -59,7 +59,8 @@ class ControlRouter:
     def _on_message(self, frames: list[Any]) -> None:
         self.requests += 1
         try:
-            env = wire.decode(frames, max_size=self.max_size)
+            # Control requests never carry tensors: a shared-memory reference here is refused, not claimed.
+            env = wire.decode(frames, max_size=self.max_size, shm=False)
         except ProtocolError as exc:
             routing = getattr(exc, "routing", None)
             header = getattr(exc, "header", None)

@@ -40,6 +40,7 @@ from microkernel.resources.broker import LeaseBroker
 from microkernel.resources.leases import Lease, LeaseRequest, LeaseTable
 from microkernel.resources.memory import BudgetTracker
 from microkernel.resources.sampling import TreeUsage
+from microkernel.resources import segments
 from microkernel.resources.pressure import HostMemory, HostPressure, read_host_memory
 from microkernel.units import format_size
 
@@ -132,6 +133,7 @@ class ResourceManager:
         """Detect cgroup v2 support and the GPU inventory (blocking work, in the thread pool)."""
         loop = asyncio.get_running_loop()
         self.cgroups, self.cgroup_manager = await loop.run_in_executor(self.executor, self._setup_cgroups)
+        await loop.run_in_executor(self.executor, segments.reap_all)  # left by a kernel that was killed
         gpu = self.gpu_settings
         self.inventory = await loop.run_in_executor(
             self.executor,
@@ -160,8 +162,9 @@ class ResourceManager:
         return support, manager
 
     def close(self) -> None:
-        """Fail every queued lease request (kernel shutdown)."""
+        """Fail every queued lease request and unlink this kernel's shared memory (kernel shutdown)."""
         self.broker.cancel_all("the kernel is shutting down")
+        segments.reap_all(segments.own_pid())
 
     # --- admission -----------------------------------------------------------------------------
 
@@ -357,6 +360,14 @@ class ResourceManager:
             },
             "cpus": list(self.cpus),
         }
+
+    async def reap_segments(self, pid: int) -> int:
+        """Unlink the shared memory that exited process ``pid`` (and any other dead owner) left."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, segments.reap_replica, segments.own_pid(), pid)
+        except RuntimeError:  # the pool is already shut down (the very end of a teardown)
+            return segments.reap_replica(segments.own_pid(), pid)
 
     def status_key(self) -> tuple[int, int, int]:
         """Changes whenever admissions, placements, leases or waiting requests change."""

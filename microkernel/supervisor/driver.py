@@ -317,6 +317,8 @@ class ReplicaDriver:
             # Also when it exited on its own: whatever it left behind in its group dies with it.
             await kill_tree(proc, grace=0)
             rep.exit_facts = self.resources.exited(key, proc.pid, placement)
+            # Before the exit is reported: whoever sees ``service.exited`` finds its segments gone.
+            await self.resources.reap_segments(proc.pid)
             self._release_slot(rep)
             self.live.pop(key, None)
             self.liveness.forget(key)

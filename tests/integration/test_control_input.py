@@ -104,3 +104,18 @@ def test_remote_errors_surface_in_the_client(kernel: KernelHandle) -> None:
             c.restart("ghost")
         assert info.value.code == ErrorCode.UNKNOWN_SERVICE
         assert "ghost" in info.value.reason and "w" in info.value.reason
+
+
+def test_a_shared_memory_reference_is_refused_and_the_segment_left_alone(kernel: KernelHandle, dealer) -> None:
+    from protocols import shm
+
+    segment = shm.Segment.create(4096, tag="probe")
+    try:
+        ref = msgpack.ExtType(wire.EXT_SHM, msgpack.packb([segment.name, 0, 16, None, None]))
+        dealer.send_multipart([b"MK1", _header(msg_type="status_request"), msgpack.packb({"service": ref})])
+        env = _reply(dealer)
+        assert env.header.status == "error" and env.message.code == ErrorCode.FORBIDDEN.value
+        assert shm.Segment.attach(segment.name).size == 4096  # not claimed (unlinked) by the kernel
+    finally:
+        segment.close()
+        segment.unlink()
