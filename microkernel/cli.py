@@ -29,7 +29,7 @@ from microkernel.cli_format import (
     service_detail,
     status_table,
 )
-from microkernel import cli_store, cli_train
+from microkernel import cli_models, cli_store, cli_train
 from microkernel.cli_resources import leases_text, resources_line, top_table
 from microkernel.client import Client, KernelUnavailable, resolve_endpoint
 
@@ -278,7 +278,7 @@ def _cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
 
 
 # Modules adding commands for the built-in services; each has ``register(command) -> {name: handler}``.
-_EXTENSIONS = (cli_store, cli_train)
+_EXTENSIONS = (cli_store, cli_models, cli_train)
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": _cmd_status,
