@@ -29,6 +29,7 @@ from typing import Any
 from protocols.errors import ErrorCode, MicrokernelError
 from services.store.blobs import BlobStore, Staged, fsync_dir
 from services.store.index import Index, Record
+from services.store.integrity import DEFAULT_TTL_S
 from services.store.snapshot import INDEX_FILE, load_snapshot, write_snapshot
 
 _GENERATION = re.compile(r"gen-(\d{6,})")
@@ -51,8 +52,11 @@ class Sweep:
 class Repository:
     """The live generation's index and blobs, behind the root's lock."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, reverify_after: float = DEFAULT_TTL_S) -> None:
+        """``reverify_after``: seconds a fully verified blob is trusted while its file is unchanged
+        (0: check every read; see ``integrity.py``)."""
         self.root = root
+        self.reverify_after = reverify_after
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock_fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -106,7 +110,7 @@ class Repository:
 
     def _open(self, generation: str) -> None:
         self.generation = generation
-        self.blobs = BlobStore(self.root / generation)
+        self.blobs = BlobStore(self.root / generation, reverify_after=self.reverify_after)
         self.index = Index(self.root / generation / INDEX_FILE)
 
     # -- changes ---------------------------------------------------------------------------------

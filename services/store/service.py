@@ -8,6 +8,9 @@ Threads: every index operation (and every change to the blob directory) runs on 
 index thread, in order, so there is exactly one writer and no race between a put and a delete
 of the same content. Bulk work (writing and hashing a new blob, reading and verifying one) runs
 on the default thread pool. The event loop only moves messages.
+
+Reads of at least the shared-memory threshold (``MK_SHM_THRESHOLD``) land in pooled segments
+(``segments.py``), so the reply hands them to a same-host caller without another copy.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
+from protocols import shm
 from protocols.errors import ErrorCode, MicrokernelError
 from protocols.store import DEFAULT_CHUNK_SIZE
 from protocols.wire import INLINE_BYTES_LIMIT
@@ -29,9 +33,11 @@ from services.base import Service, rpc
 from services.store import safetensors
 from services.store.blobs import BlobCorrupted, BlobStore, Staged
 from services.store.index import Record
+from services.store.integrity import DEFAULT_TTL_S
 from services.store.keys import check_key, check_meta, check_prefix, check_version, invalid
 from services.store.repository import Repository, StoreLocked
-from services.store.uploads import Upload, Uploads
+from services.store.segments import SegmentPool
+from services.store.uploads import Uploads, finish_upload
 
 T = TypeVar("T")
 
@@ -48,15 +54,19 @@ def default_root() -> Path:
     return Path(runtime_dir).resolve().parent / "store" if runtime_dir else Path("mk-store").resolve()
 
 
-def _positive(config: dict[str, Any], name: str, default: float, kind: type) -> Any:
+def _setting(config: dict[str, Any], name: str, default: float, kind: type, *, zero: bool = False) -> Any:
+    """A positive (``zero``: non-negative) number of type ``kind`` from the config."""
     value = config.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and not isinstance(value, int)):
-        raise ValueError(f"[services.<store>.config] {name} must be a positive {kind.__name__}, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero)
+            or (kind is int and not isinstance(value, int))):
+        raise ValueError(f"[services.<store>.config] {name} must be a {'non-negative' if zero else 'positive'} "
+                         f"{kind.__name__}, got {value!r}")
     return kind(value)
 
 
 class Store(Service):
-    """Durable artifact/tensor store. Config: ``root``, ``chunk_size``, ``upload_ttl`` (seconds)."""
+    """Durable artifact/tensor store. Config: ``root``, ``chunk_size``, ``upload_ttl`` (seconds),
+    ``reverify_after`` (seconds), ``shm_pool_bytes``."""
 
     drain_timeout = 8.0  # in-flight writes may finish on graceful stop (below the default 10 s stop grace)
 
@@ -68,8 +78,12 @@ class Store(Service):
         self.root = Path(root).resolve() if root else default_root()
         max_message = int(os.environ.get("MK_MAX_MESSAGE_SIZE") or DEFAULT_MAX_MESSAGE)
         self.max_payload = max(1, max_message - min(_HEADROOM, max_message // 2))
-        self.chunk_size = min(_positive(config, "chunk_size", DEFAULT_CHUNK_SIZE, int), self.max_payload)
-        self.uploads = Uploads(_positive(config, "upload_ttl", DEFAULT_UPLOAD_TTL, float))
+        self.chunk_size = min(_setting(config, "chunk_size", DEFAULT_CHUNK_SIZE, int), self.max_payload)
+        self.uploads = Uploads(_setting(config, "upload_ttl", DEFAULT_UPLOAD_TTL, float))
+        self.reverify_after = _setting(config, "reverify_after", DEFAULT_TTL_S, float, zero=True)
+        pool_bytes = shm.env_bytes("MK_SHM_POOL_BYTES", shm.DEFAULT_POOL_BYTES)
+        self.segments = SegmentPool(_setting(config, "shm_pool_bytes", pool_bytes, int, zero=True))
+        self.shm_threshold = shm.threshold_from_env()
         self._index_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-index")
         self.repo = await self._open_repository()
         sweep = self.repo.sweep
@@ -83,7 +97,7 @@ class Store(Service):
         deadline = loop.time() + _LOCK_WAIT_S
         while True:
             try:
-                return await self._on_index(Repository, self.root)
+                return await self._on_index(Repository, self.root, reverify_after=self.reverify_after)
             except StoreLocked:
                 if loop.time() > deadline:
                     raise
@@ -97,6 +111,7 @@ class Store(Service):
             await asyncio.to_thread(upload.temp.discard)
         await self._on_index(self.repo.close)
         self._index_thread.shutdown(wait=True)
+        await asyncio.to_thread(self.segments.clear)
 
     async def _on_index(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the index thread (the one writer)."""
@@ -112,8 +127,19 @@ class Store(Service):
                     await asyncio.to_thread(upload.temp.discard)
                 self.publish("store.upload_expired", {"upload": upload.id, "key": upload.key,
                                                       "received": upload.received, "size": upload.size})
+            try:  # idle read segments go back to the system
+                await asyncio.to_thread(self.segments.trim)
+            except OSError as exc:
+                self.log.warning("releasing idle read segments failed: %s", exc)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _allocate(self, nbytes: int) -> np.ndarray:
+        """The buffer a read of ``nbytes`` fills (in a thread): a pooled shared-memory segment from
+        the shared-memory threshold on (handed to a same-host caller as it is), else plain memory."""
+        if self.shm_threshold is None or nbytes < self.shm_threshold:
+            return np.empty(nbytes, dtype=np.uint8)
+        return self.segments.buffer(nbytes)
 
     def _locate(self, key: str, version: int | None) -> tuple[Record, BlobStore]:
         # On the index thread: the record and the blob store it lives in (a restore swaps both).
@@ -183,7 +209,8 @@ class Store(Service):
         key = check_key(key)
         record, blobs = await self._on_index(self._locate, key, check_version(version, key))
         self._payload_fits(record)
-        buffer = await self._verified(record, blobs, lambda b: b.read(record.digest, record.size))
+        buffer = await self._verified(record, blobs, lambda b: b.read(record.digest, record.size, record.blocks,
+                                                                      self._allocate))
         reply = record.describe()
         if record.kind == "tensors":
             try:
@@ -220,10 +247,12 @@ class Store(Service):
     @rpc
     async def info(self) -> dict[str, Any]:
         """The store's settings and totals: ``{root, generation, chunk_size, max_payload, upload_ttl,
-        uploads, keys, objects, blobs, bytes}``."""
+        reverify_after, uploads, trusted, pooled_bytes, keys, objects, blobs, bytes}``."""
         counts = await self._on_index(self.repo.index.counts)
         return {"root": str(self.root), "generation": self.repo.generation, "chunk_size": self.chunk_size,
-                "max_payload": self.max_payload, "upload_ttl": self.uploads.ttl, "uploads": len(self.uploads), **counts}
+                "max_payload": self.max_payload, "upload_ttl": self.uploads.ttl, "reverify_after": self.reverify_after,
+                "uploads": len(self.uploads), "trusted": len(self.repo.blobs.verified),
+                "pooled_bytes": self.segments.pooled_bytes, **counts}
 
     # -- large payloads --------------------------------------------------------------------------
 
@@ -280,7 +309,7 @@ class Store(Service):
                                        f"of {session.size} bytes; send the rest before put_commit")
             self.uploads.close(session)
             try:
-                staged = await asyncio.to_thread(_finish_upload, session, digest)
+                staged = await asyncio.to_thread(finish_upload, session, digest)
             except BaseException:
                 await asyncio.to_thread(session.temp.discard)
                 raise
@@ -317,7 +346,7 @@ class Store(Service):
             raise MicrokernelError(ErrorCode.TOO_LARGE, f"a read of {length} bytes exceeds one message ({self.max_payload})")
         length = min(length, record.size - offset)
         view = await self._verified(record, blobs, lambda b: b.read_range(record.digest, record.size, record.blocks,
-                                                                          offset, length))
+                                                                          offset, length, self._allocate))
         data = view.tobytes() if length < INLINE_BYTES_LIMIT else view
         return {"key": key, "version": record.version, "digest": record.digest, "size": record.size,
                 "offset": offset, "data": data}
@@ -375,21 +404,3 @@ def _stage_tensors(blobs: BlobStore, key: str, tensors: dict[str, Any]) -> Stage
     except (safetensors.SafetensorsError, TypeError, ValueError) as exc:
         raise invalid(f"tensors of {key!r}: {exc}") from None
     return blobs.stage(encoded.buffers())
-
-
-def _finish_upload(session: Upload, digest: str | None) -> Staged:
-    """fsync the upload's temp file and check it: the client's digest, and a tensors file's header."""
-    staged = session.temp.finish()
-    if digest is not None and digest != staged.digest:
-        raise MicrokernelError(ErrorCode.CORRUPTED, f"upload {session.id} of {session.key!r}: the bytes received hash to "
-                               f"{staged.digest}, the client sent {digest}; nothing was stored")
-    if session.kind == "tensors":
-        with open(staged.path, "rb") as f:
-            head = f.read(8)
-            need = 8 + (int.from_bytes(head, "little") if len(head) == 8 else 0)
-            head += f.read(min(need, safetensors.MAX_HEADER + 8) - len(head))
-        try:
-            safetensors.read_header(np.frombuffer(head, dtype=np.uint8), file_size=staged.size)
-        except safetensors.SafetensorsError as exc:
-            raise invalid(f"upload {session.id} of {session.key!r} is declared tensors but is not a safetensors file: {exc}") from None
-    return staged

@@ -14,8 +14,12 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from protocols.errors import ErrorCode, MicrokernelError
-from services.store.blobs import TempBlob
+from services.store import safetensors
+from services.store.blobs import Staged, TempBlob
+from services.store.keys import invalid
 
 MAX_OPEN_UPLOADS = 64
 
@@ -92,3 +96,21 @@ class Uploads:
         gone = list(self._open.values())
         self._open.clear()
         return gone
+
+
+def finish_upload(session: Upload, digest: str | None) -> Staged:
+    """fsync the upload's temp file and check it: the client's digest, and a tensors file's header."""
+    staged = session.temp.finish()
+    if digest is not None and digest != staged.digest:
+        raise MicrokernelError(ErrorCode.CORRUPTED, f"upload {session.id} of {session.key!r}: the bytes received hash to "
+                               f"{staged.digest}, the client sent {digest}; nothing was stored")
+    if session.kind == "tensors":
+        with open(staged.path, "rb") as f:
+            head = f.read(8)
+            need = 8 + (int.from_bytes(head, "little") if len(head) == 8 else 0)
+            head += f.read(min(need, safetensors.MAX_HEADER + 8) - len(head))
+        try:
+            safetensors.read_header(np.frombuffer(head, dtype=np.uint8), file_size=staged.size)
+        except safetensors.SafetensorsError as exc:
+            raise invalid(f"upload {session.id} of {session.key!r} is declared tensors but is not a safetensors file: {exc}") from None
+    return staged

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -20,15 +22,18 @@ from microkernel.client import Client
 from protocols.errors import ErrorCode, MicrokernelError, RemoteError
 from protocols.store import BufferSource, download, run, upload
 from services.store import safetensors
+from services.store.integrity import SETTLE_NS
 from tests.integration.conftest import KernelHandle
 
 CEILING = 30.0
-# A 1 MiB frame budget makes "larger than one message" cheap to test.
+# A 1 MiB frame budget makes "larger than one message" cheap to test; a 64 KiB shared-memory
+# threshold sends the store's replies from 64 KiB on through its pooled segments.
 CONFIG = """
 [kernel]
 max_message_size = 1048576
 [services.store]
 entry = "services.store:Store"
+env = {{ MK_SHM_THRESHOLD = "65536" }}
 [services.store.config]
 chunk_size = 262144
 [services.spare]
@@ -131,6 +136,38 @@ def test_bad_keys_missing_keys_and_corrupted_blobs_get_clear_errors(store: Clien
     # The store keeps serving everything else.
     assert bytes(store.call("store", "get", key="data/healthy")["data"]) == b"fine"
     assert store.call("store", "put", key="data/after", data=b"ok")["version"] == 1
+
+
+def test_gets_reuse_segments_and_a_trusted_blob_is_checked_again_once_its_file_changes(store: Client, short_tmp: str) -> None:
+    weights = {"w": np.arange(150_000, dtype=np.float32), "b": np.arange(5, dtype=np.int64)}
+    put = store.call("store", "put", key="hot/weights", tensors=weights)
+    path = blob_path(Path(short_tmp) / "store", put["digest"])
+
+    def get_and_compare() -> None:
+        got = store.call("store", "get", key="hot/weights")["tensors"]
+        assert all(np.array_equal(got[n], a) for n, a in weights.items())
+        assert not got["w"].flags.writeable  # a view of the store's segment, mapped read-only
+
+    get_and_compare()
+    pooled = store.call("store", "info")["pooled_bytes"]
+    assert pooled >= put["size"]
+    # Once the blob file's ctime is older than the settle time, a full check makes it trusted.
+    remaining = os.stat(path).st_ctime_ns + SETTLE_NS - time.time_ns()
+    if remaining > 0:
+        threading.Event().wait(remaining / 1e9 + 0.02)
+    get_and_compare()
+    assert store.call("store", "info")["trusted"] == 1
+    for _ in range(3):
+        get_and_compare()
+    assert store.call("store", "info")["pooled_bytes"] == pooled  # released segments were reused
+    with open(path, "r+b") as f:  # a flipped byte changes the file's ctime: the trust is gone
+        f.seek(put["size"] - 10)
+        byte = f.read(1)
+        f.seek(put["size"] - 10)
+        f.write(bytes([byte[0] ^ 1]))
+    code, reason = code_of(store, "get", key="hot/weights")
+    assert code is ErrorCode.CORRUPTED and "'hot/weights' version 1" in reason and "CRC32" in reason
+    assert store.call("store", "info")["trusted"] == 0
 
 
 def test_payloads_beyond_one_message_move_in_chunks(store: Client, short_tmp: str) -> None:
