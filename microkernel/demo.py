@@ -59,7 +59,7 @@ max_queue_delay_ms = 5
 max_queue = 512
 """
 
-PROMPTS = ["ROMEO: ", "The king ", "What is ", "And then "]
+PROMPTS = ["The keeper ", "The lamp burned ", "One winter the ", "In the morning, "]
 
 
 class Plan:
