@@ -141,19 +141,25 @@ class SyncDirectory:
 
     def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
-        route, cached = self._route(service, timeout)
-        request = messages.RpcRequest(method=method, args=args)
+        route = self._routes.get(service)
+        if route is not None and time.monotonic() < route.expires:
+            cached = True  # a fresh cached route: no call to _route on the per-call path
+        else:
+            route, cached = self._route(service, timeout)
         try:
             try:
-                env = route.requester.request(request, timeout=timeout, try_now=cached)
+                env = route.requester.call(method, args, timeout=timeout, try_now=cached)
             except NoPeer:
                 route, _ = self._route(service, timeout, refresh=True)
-                env = route.requester.request(request, timeout=timeout)
+                env = route.requester.call(method, args, timeout=timeout)
         except MicrokernelError as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0
             raise
-        return rpc_result(env)
+        msg = env.message
+        if type(msg) is not messages.RpcReply:
+            return rpc_result(env)  # raises the error that names what came instead
+        return msg.result
 
     def close(self) -> None:
         for route in self._routes.values():

@@ -199,6 +199,14 @@ def build(cls: type[T], body: Any) -> T:
     return builder(body)
 
 
+def builder_of(cls: type[T]) -> Callable[[Any], T]:
+    """``build`` bound to ``cls``: the generated builder itself, for callers on the hot path."""
+    builder = _BUILDERS.get(cls)
+    if builder is None:
+        builder = _BUILDERS[cls] = _compile_builder(cls)
+    return builder
+
+
 def body_getter(cls: type) -> Callable[[Any], dict[str, Any]]:
     """A function returning the msgpack map (field name -> value) of an instance of ``cls``."""
     getter = _GETTERS.get(cls)

@@ -213,9 +213,14 @@ class AsyncSocket:
         if self._closed:
             return False
         if not self._outbox:
+            # try_send's body, without its call: this runs once per reply on the data plane.
             try:
-                if self.try_send(frames):
-                    return True
+                send_message(self.sock, frames, NOBLOCK)
+                if not self._draining:
+                    self._schedule_check()  # as in try_send
+                return True
+            except zmq.Again:
+                pass
             except zmq.ZMQError as exc:
                 if exc.errno == zmq.EHOSTUNREACH:  # ROUTER_MANDATORY: the peer went away
                     self.dropped += 1
@@ -434,6 +439,23 @@ class SyncRequester:
         handoffs: list[str] = []
         frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
                              shm_threshold=self._shm, handoffs=handoffs)
+        return self._exchange(frames, msg_id, handoffs, deadline, timeout, try_now, wire.msg_type_of(message))
+
+    def call(self, method: str, args: dict[str, Any], *, timeout: float, try_now: bool = False) -> wire.Envelope:
+        """``request(RpcRequest(method=method, args=args), ...)`` without building the message."""
+        msg_id = wire.new_msg_id()
+        deadline = time.monotonic() + timeout
+        handoffs: list[str] = []
+        frames = wire.encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id,
+                                         deadline_ns=time.time_ns() + int(timeout * 1e9),
+                                         shm_threshold=self._shm, handoffs=handoffs)
+        return self._exchange(frames, msg_id, handoffs, deadline, timeout, try_now, "rpc_request")
+
+    def _exchange(
+        self, frames: list[Any], msg_id: bytes, handoffs: list[str], deadline: float, timeout: float, try_now: bool,
+        what: str,
+    ) -> wire.Envelope:
+        """Send ``frames`` (a request with id ``msg_id``) and return its reply, or raise."""
         sock = self.sock
         if try_now:
             try:
@@ -449,17 +471,19 @@ class SyncRequester:
             except zmq.Again:
                 if handoffs:
                     handover.reclaim(handoffs)
-                raise CallTimeout(f"could not send {wire.msg_type_of(message)} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
+                raise CallTimeout(f"could not send {what} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
         while True:
             # A receive timeout instead of poll()+recv(): one system call less per round trip.
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
                     raise zmq.Again()
-                self._set_timeout(_RCVTIMEO, max(1, int(left * 1000)))
+                ms = -(-max(1, int(left * 1000)) // 10) * 10
+                if self._timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
+                    self._set_timeout(_RCVTIMEO, ms)
                 frames_in = recv_message(sock)
             except zmq.Again:
-                raise CallTimeout(f"no reply to {wire.msg_type_of(message)} from {', '.join(self.endpoints)} within {timeout:g}s") from None
+                raise CallTimeout(f"no reply to {what} from {', '.join(self.endpoints)} within {timeout:g}s") from None
             try:
                 env = wire.decode(frames_in, max_size=self.max_size)
             except ProtocolError as exc:
@@ -468,8 +492,12 @@ class SyncRequester:
                     raise  # the reply to this request cannot be used (see AsyncRequester._on_message)
                 log.warning("dropping an undecodable reply: %s", exc)
                 continue
-            if env.header.parent_id == msg_id:
-                return raise_for_error(env)
+            header = env.header
+            if header.parent_id == msg_id:
+                if header.status == wire.STATUS_ERROR:
+                    err = env.message
+                    raise RemoteError(err.code, err.reason, err.details)
+                return env
             # A late reply to an earlier request that timed out: ignore it.
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import msgpack
 
 from protocols import handover, messages, shm
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.registry import body_getter, build, class_for, type_of
+from protocols.registry import body_getter, build, builder_of, class_for, type_of
 
 MAGIC = b"MK1"
 PROTOCOL_VERSION = (1, 2)
@@ -45,9 +46,12 @@ _counter = itertools.count(1)
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
+_pack_msg_id = struct.Struct(">8sQ").pack  # one C call instead of int.to_bytes + a concatenation
+
+
 def new_msg_id() -> bytes:
     """A 16-byte id unique across processes: 8 random bytes per process + a counter."""
-    return _MSG_ID_PREFIX + next(_counter).to_bytes(8, "big")
+    return _pack_msg_id(_MSG_ID_PREFIX, next(_counter))
 
 
 class Header(NamedTuple):
@@ -236,13 +240,16 @@ class _Packers(threading.local):
 _packers = _Packers()
 
 
-def _pack_body_shm(body: dict[str, Any], threshold: int, handoffs: list[str] | None) -> tuple[bytes, list[Any]]:
+def _pack_body_shm(
+    body: dict[str, Any], threshold: int, handoffs: list[str] | None, first: tuple[bytes, list[Any]] | None = None,
+) -> tuple[bytes, list[Any]]:
     """``_pack_body`` with shared-memory hand-over of large payloads on (same-host peers).
 
-    Packed as usual first: most bodies have no frame at all, or only small ones, and then cost
-    nothing more. Only when a frame qualifies is the body packed again with hand-over on.
+    Packed as usual first (or ``first``, that packing done by the caller): most bodies have no
+    frame at all, or only small ones, and then cost nothing more. Only when a frame qualifies is
+    the body packed again with hand-over on.
     """
-    packed, buffers = _pack_body(body)
+    packed, buffers = _pack_body(body) if first is None else first
     if not buffers:
         return packed, buffers
     threshold = max(threshold, INLINE_BYTES_LIMIT)
@@ -283,18 +290,81 @@ def _pack_body(body: dict[str, Any]) -> tuple[bytes, list[Any]]:
     return packed, buffers
 
 
+# Header frames are assembled from pre-packed pieces instead of packing a fresh map per message:
+# between two messages of one kind from one sender only msg_id, ts_ns, parent_id and deadline_ns
+# change. The bytes are exactly what packing the map would give (same keys, same order, same
+# encodings), so peers see no difference; anything unusual goes through the packer.
+_U64 = struct.Struct(">BQ").pack  # msgpack uint64: what the packer emits for 2**32 <= n < 2**64
+_BIN8 = tuple(b"\xc4" + bytes((n,)) for n in range(256))
+_MAP = tuple(bytes((0x80 | n,)) for n in range(16))
+_KEY_MSG_ID = b"\xa6msg_id"
+_KEY_PARENT_ID = b"\xa9parent_id"
+_KEY_DEADLINE_NS = b"\xabdeadline_ns"
+_TEMPLATE_LIMIT = 4096
+_time_ns = time.time_ns
+_templates: dict[tuple[str, str, str | None], tuple[bytes, bytes]] = {}
+
+
+def _template(msg_type: str, sender: str, status: str | None) -> tuple[bytes, bytes]:
+    """The packed pieces of a header that only depend on (msg_type, sender, status).
+
+    ``middle`` runs from the msg_type key to the ts_ns key (its value follows), ``tail`` is the
+    status entry (empty without one).
+    """
+    key = (msg_type, sender, status)
+    template = _templates.get(key)
+    if template is None:
+        pack_one = msgpack.Packer(use_bin_type=True).pack
+        middle = b"".join((pack_one("msg_type"), pack_one(msg_type), pack_one("version"), pack_one(PROTOCOL_VERSION),
+                           pack_one("sender"), pack_one(sender), pack_one("ts_ns")))
+        tail = b"" if status is None else pack_one("status") + pack_one(status)
+        template = (middle, tail)
+        if len(_templates) < _TEMPLATE_LIMIT:  # event names are open-ended: bound the cache
+            _templates[key] = template
+    return template
+
+
 def _pack_header(
     msg_type: str, sender: str, msg_id: bytes | None, parent_id: bytes | None, deadline_ns: int | None,
     status: str | None,
 ) -> bytes:
     """The header frame; optional keys are omitted rather than sent as nil (spec §3.1)."""
-    header: dict[str, Any] = {
-        "msg_id": msg_id or new_msg_id(),
-        "msg_type": msg_type,
-        "version": PROTOCOL_VERSION,
-        "sender": sender,
-        "ts_ns": time.time_ns(),
-    }
+    # Straight-line on purpose: on this path every Python-level call costs as much as the packing.
+    template = _templates.get((msg_type, sender, status))
+    middle, tail = template if template is not None else _template(msg_type, sender, status)
+    if not msg_id:
+        msg_id = _pack_msg_id(_MSG_ID_PREFIX, next(_counter))
+    ts_ns = _time_ns()
+    if type(msg_id) is not bytes or len(msg_id) > 255 or ts_ns < 0x1_0000_0000:
+        return _pack_header_map(msg_type, sender, msg_id, parent_id, deadline_ns, status, ts_ns)
+    parts = [b"", _KEY_MSG_ID, _BIN8[len(msg_id)], msg_id, middle, _U64(0xCF, ts_ns)]
+    n = 5
+    if parent_id is not None:
+        if type(parent_id) is bytes and len(parent_id) < 256:
+            parts += (_KEY_PARENT_ID, _BIN8[len(parent_id)], parent_id)
+        else:
+            parts += (_KEY_PARENT_ID, _packers.header.pack(parent_id))
+        n += 1
+    if deadline_ns is not None:
+        if type(deadline_ns) is int and 0x1_0000_0000 <= deadline_ns <= 0xFFFF_FFFF_FFFF_FFFF:
+            parts += (_KEY_DEADLINE_NS, _U64(0xCF, deadline_ns))
+        else:
+            parts += (_KEY_DEADLINE_NS, _packers.header.pack(deadline_ns))
+        n += 1
+    if status is not None:
+        parts.append(tail)
+        n += 1
+    parts[0] = _MAP[n]
+    return b"".join(parts)
+
+
+def _pack_header_map(
+    msg_type: str, sender: str, msg_id: Any, parent_id: bytes | None, deadline_ns: int | None, status: str | None,
+    ts_ns: int,
+) -> bytes:
+    """``_pack_header`` by packing the map (ids that are not short bytes; a clock below 2**32 ns)."""
+    header: dict[str, Any] = {"msg_id": msg_id, "msg_type": msg_type, "version": PROTOCOL_VERSION,
+                              "sender": sender, "ts_ns": ts_ns}
     if parent_id is not None:
         header["parent_id"] = parent_id
     if deadline_ns is not None:
@@ -363,6 +433,25 @@ def encode(
     return frames
 
 
+def encode_rpc_request(
+    method: str, args: dict[str, Any], *, sender: str, msg_id: bytes | None = None, deadline_ns: int | None = None,
+    shm_threshold: int | None = None, handoffs: list[str] | None = None,
+) -> list[Any]:
+    """``encode(RpcRequest(method=method, args=args), ...)`` for a DEALER, for the callers' hot path.
+
+    The same frames, without building the message instance and looking up its class.
+    """
+    body = {"method": method, "args": args}
+    header = _pack_header("rpc_request", sender, msg_id, None, deadline_ns, None)
+    if shm_threshold is None:
+        packed, buffers = _pack_body(body)
+    else:
+        packed, buffers = _pack_body_shm(body, shm_threshold, handoffs)
+    if buffers:
+        return [MAGIC, header, packed, *buffers]
+    return [MAGIC, header, packed]
+
+
 def reply_type(request_type: str) -> str:
     """``start_request`` -> ``start_reply``."""
     if request_type.endswith("_request"):
@@ -383,10 +472,10 @@ def encode_result(
 
     ``shm_threshold`` and ``handoffs`` as for ``encode``.
     """
-    if shm_threshold is None:
-        packed, buffers = _pack_body({"result": result})
-    else:
-        packed, buffers = _pack_body_shm({"result": result}, shm_threshold, handoffs)
+    body = {"result": result}
+    packed, buffers = _pack_body(body)
+    if buffers and shm_threshold is not None:  # only then can anything go by shared memory
+        packed, buffers = _pack_body_shm(body, shm_threshold, handoffs, (packed, buffers))
     header = _pack_header("rpc_reply", sender, None, request.msg_id, None, STATUS_OK)
     if buffers:
         return [*routing, MAGIC, header, packed, *buffers]
@@ -435,7 +524,98 @@ _STATUSES = (STATUS_OK, STATUS_ERROR)
 _MAJOR = PROTOCOL_VERSION[0]
 
 
+# Parsing the canonical header layout (what ``_pack_header`` writes: the keys in spec order, the
+# integers as uint64, binaries as bin8) straight from the bytes skips building a map whose keys
+# msgpack hashes and interns one by one. The part from the msg_type key to the ts_ns key repeats
+# for every message of one kind from one sender: it is validated once (by the packer's own
+# decoder) and remembered. Anything else, including every invalid header, takes the general path.
+_TS_KEY = b"\xa5ts_ns\xcf"
+_STATUS_OK_ENTRY = b"\xa6status\xa2ok"
+_STATUS_ERROR_ENTRY = b"\xa6status\xa5error"
+_middles: dict[bytes, tuple[str, tuple[int, int], str]] = {}
+_from_u64 = struct.Struct(">Q").unpack_from
+
+
+def _middle(middle: bytes) -> tuple[str, tuple[int, int], str] | None:
+    """(msg_type, version, sender) of a header's msg_type..ts_ns section, when it is valid."""
+    known = _middles.get(middle)
+    if known is not None:
+        return known
+    try:
+        m = msgpack.unpackb(b"\x83" + middle[:-len(_TS_KEY)], raw=False, use_list=False)
+    except Exception:  # truncated or not msgpack at all: the general path explains it
+        return None
+    # Exactly these three keys in this order (a repeated key would leave fewer), valid values.
+    if type(m) is not dict or list(m) != ["msg_type", "version", "sender"]:
+        return None
+    msg_type, version, sender = m["msg_type"], m["version"], m["sender"]
+    if not (type(msg_type) is str and msg_type and type(sender) is str and type(version) is tuple
+            and len(version) == 2 and type(version[0]) is int and type(version[1]) is int and version[0] == _MAJOR):
+        return None
+    known = (msg_type, version, sender)
+    if len(_middles) < _TEMPLATE_LIMIT:
+        _middles[middle] = known
+    return known
+
+
+def _decode_canonical_header(raw: bytes) -> Header | None:
+    """The header when ``raw`` is in the canonical layout, else None (not necessarily invalid)."""
+    n = len(raw)
+    if n < 40 or raw[1:9] != b"\xa6msg_id\xc4":
+        return None
+    entries = raw[0] - 0x85
+    if not 0 <= entries <= 3:
+        return None
+    size = raw[9]
+    p = 10 + size
+    msg_id = raw[10:p]
+    q = raw.find(_TS_KEY, p)
+    if size == 0 or size > 64 or q < 0:
+        return None
+    q += 7
+    middle = raw[p:q]
+    fields = _middles.get(middle) or _middle(middle)
+    if fields is None or q + 8 > n:
+        return None
+    ts_ns = _from_u64(raw, q)[0]
+    p = q + 8
+    parent_id = deadline_ns = status = None
+    if entries and raw[p:p + 11] == b"\xa9parent_id\xc4":
+        if p + 12 > n:
+            return None
+        size = raw[p + 11]
+        parent_id = raw[p + 12:p + 12 + size]
+        if len(parent_id) != size:
+            return None
+        p += 12 + size
+        entries -= 1
+    if entries and raw[p:p + 13] == b"\xabdeadline_ns\xcf":
+        if p + 21 > n:
+            return None
+        deadline_ns = _from_u64(raw, p + 13)[0]
+        p += 21
+        entries -= 1
+    if entries:
+        tail = raw[p:]
+        if tail == _STATUS_OK_ENTRY:
+            status = STATUS_OK
+        elif tail == _STATUS_ERROR_ENTRY:
+            status = STATUS_ERROR
+        else:
+            return None
+        p = n
+        entries -= 1
+    if entries or p != n:
+        return None
+    msg_type, version, sender = fields
+    return _new_header(Header, (msg_id, msg_type, version, sender, ts_ns, parent_id, deadline_ns, status))
+
+
 def _decode_header(raw: Any) -> Header:
+    if type(raw) is bytes:
+        header = _decode_canonical_header(raw)
+        if header is not None:
+            return header
     try:
         h = msgpack.unpackb(raw, raw=False, use_list=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -614,8 +794,32 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
     Raises ``ProtocolError``; when the header could be read the exception carries it as
     ``.header`` (and the routing ids as ``.routing``) so the caller can address an error reply.
     """
-    start, routing, topic_name = _locate(frames, topic)
     n = len(frames)
+    # The common shapes without a call: a DEALER sees [MK1, header, body], a ROUTER [id, MK1, ...].
+    first = frames[0] if n > 2 else None
+    start = -1
+    if not topic and type(first) is bytes:
+        if first == MAGIC:
+            start, routing, topic_name, size = 0, [], None, 3
+        elif frames[1] == MAGIC:
+            start, routing, topic_name, size = 1, [first], None, 3 + len(first)
+    if start >= 0 and n == start + 3:
+        # No buffer frames: decode inline; any problem is left to the general path below, which
+        # decodes again and raises the error that names it.
+        raw_header, raw_body = frames[start + 1], frames[start + 2]
+        if (type(raw_header) is bytes and type(raw_body) is bytes
+                and (max_size is None or size + len(raw_header) + len(raw_body) <= max_size)):
+            header = _decode_canonical_header(raw_header)
+            if header is not None and header.status != STATUS_ERROR:
+                builder = _builders[header.msg_type]
+                if builder is not None:
+                    try:
+                        body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
+                        return Envelope(routing, header, builder(body), [], topic_name)
+                    except Exception:
+                        pass
+    if start < 0:
+        start, routing, topic_name = _locate(frames, topic)
     if n - start < 3:
         err = ProtocolError(ErrorCode.MALFORMED, "message ends before the header and body frames")
         err.routing = routing  # type: ignore[attr-defined]
@@ -645,6 +849,23 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
         err.header = header  # type: ignore[attr-defined]
         raise
     return Envelope(routing, header, message_obj, buffers, topic_name)
+
+
+_unpackb = msgpack.unpackb
+
+
+class _Builders(dict):  # type: ignore[type-arg]
+    """msg_type -> the registry's builder of its class (None for unregistered types), filled on use."""
+
+    def __missing__(self, msg_type: str) -> Any:
+        cls = class_for(msg_type)
+        builder = None if cls is None else builder_of(cls)
+        if len(self) < _TEMPLATE_LIMIT:
+            self[msg_type] = builder
+        return builder
+
+
+_builders = _Builders()
 
 
 def _decode_body(raw: Any, header: Header, buffers: list[Any], topic_name: str | None, shm_allowed: bool = True) -> Any:
