@@ -13,6 +13,7 @@ from typing import Any
 import zmq
 
 from protocols import messages as m
+from protocols import wire
 from protocols.board import HeartbeatBoard
 from protocols.endpoints import KernelEndpoints
 from microkernel import __version__
@@ -67,13 +68,13 @@ class Kernel:
         return (status_changes.value, self.resources.status_key(), self.supervisor.shutting_down,
                 None if standby is None else tuple(standby.summary().values()))
 
-    def status_reply(self, service: str | None) -> m.StatusReply:
-        """The reply to a ``status_request`` (see :mod:`microkernel.status_cache`)."""
+    def status_reply(self, service: str | None) -> wire.Packed:
+        """The reply to a ``status_request``, packed once per change (see :mod:`microkernel.status_cache`)."""
         names = None if service is None else [service]
         if service is not None:
             self.supervisor.service(service)  # an unknown name is an error, never a cached reply
-        return self._status.get(service, lambda: m.StatusReply(kernel=self.summary(),
-                                                               services=self.supervisor.status(names)))
+        return self._status.get(service, lambda: wire.pack_message(
+            m.StatusReply(kernel=self.summary(), services=self.supervisor.status(names))))
 
     def summary(self) -> dict[str, Any]:
         """The ``kernel`` map of a status reply."""

@@ -393,6 +393,26 @@ def msg_type_of(message_obj: Any) -> str:
     return type_of(message_obj)
 
 
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A message whose body is already packed (see :func:`pack_message`): sent as is, many times.
+
+    For replies a receiver builds once and sends to many requests (the kernel's status); only the
+    header (ids, timestamp) is made per send. ``encode`` accepts it wherever it accepts a message.
+    """
+
+    msg_type: str
+    body: bytes
+
+
+def pack_message(message_obj: Any) -> Packed:
+    """Pack a registered message's body once; raises ``ValueError`` if it needs buffer frames."""
+    packed, buffers = _pack_body(body_of(message_obj))
+    if buffers:
+        raise ValueError(f"{msg_type_of(message_obj)} has binary payloads: it cannot be packed ahead of sending")
+    return Packed(msg_type_of(message_obj), packed)
+
+
 def encode(
     message_obj: Any,
     *,
@@ -414,6 +434,9 @@ def encode(
     """
     if type(message_obj) is Event:
         msg_type, body = message_obj.name, message_obj.data
+    elif type(message_obj) is Packed:
+        header = _pack_header(message_obj.msg_type, sender, msg_id, parent_id, deadline_ns, status)
+        return [*routing, *((topic.encode(),) if topic is not None else ()), MAGIC, header, message_obj.body]
     else:
         msg_type = type_of(message_obj)
         body = body_getter(type(message_obj))(message_obj)

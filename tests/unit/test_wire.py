@@ -180,3 +180,15 @@ def test_random_frames_never_raise_anything_but_protocol_error(frames) -> None:
         wire.decode(frames, max_size=1 << 20)
     except ProtocolError:
         pass
+
+
+def test_a_message_packed_ahead_decodes_like_the_message_itself() -> None:
+    reply = m.StatusReply(kernel={"pid": 1, "uptime_s": 0.5}, services=[{"name": "echo", "replicas": []}])
+    packed = wire.pack_message(reply)
+    request = wire.decode(wire.encode(m.StatusRequest(), sender="c"))
+    for _ in range(2):  # sent twice: a fresh header each time, the same body
+        env = wire.decode(wire.encode_reply(request.header, packed, sender="k", routing=[b"id"]))
+        assert env.message == reply and env.routing == [b"id"]
+        assert env.header.parent_id == request.header.msg_id and env.header.status == "ok"
+    with pytest.raises(ValueError):
+        wire.pack_message(m.RpcReply(result=b"x" * wire.INLINE_BYTES_LIMIT))
