@@ -32,6 +32,9 @@ log = logging.getLogger("microkernel.subscription")
 WELCOME_PREFIX = "_mk.welcome."
 INTERNAL_PREFIX = "_mk."
 
+# How long a wait without a timeout blocks in one poll before it checks for signals again.
+_IDLE_SLICE_MS = 500
+
 
 def topic_prefix(pattern: str) -> str:
     """The literal prefix of a glob pattern: what the SUB socket subscribes to."""
@@ -184,17 +187,20 @@ class SyncSubscriber:
             return self._backlog.pop(0)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if deadline is None:
-                env = self._recv()
-            else:
-                # Events come in bursts: try the queue first and poll only when it is empty.
-                try:
-                    env = self._recv(NOBLOCK)
-                except zmq.Again:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
-                        return None
+            # Events come in bursts: try the queue first and poll only when it is empty.
+            try:
+                env = self._recv(NOBLOCK)
+            except zmq.Again:
+                if deadline is None:
+                    # Waiting forever, but in slices: a signal (Ctrl-C) delivered to another
+                    # thread of the process does not interrupt this one's poll, and its Python
+                    # handler only runs once this thread is back in the interpreter.
+                    self.sock.poll(_IDLE_SLICE_MS)
                     continue
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                    return None
+                continue
             if env is not None and self._matches(env.topic or env.msg_type):
                 return env
 
