@@ -402,11 +402,18 @@ def _await_follow_notice(proc: subprocess.Popen[str]) -> None:
     assert notice.startswith("mkctl: following"), notice
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_daemon
 def test_mkctl_events_ctrl_c_exits_0(kernel: KernelHandle) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "microkernel.cli", "--runtime-dir", str(kernel.runtime_dir), "events"],
         cwd=REPO_ROOT, env=kernel_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As on a terminal: a test run started in the background (`cmd &` in a script) ignores
+        # SIGINT, and an ignored SIGINT is inherited (Python then keeps ignoring it, as it should).
+        preexec_fn=_default_sigint,
     )
     try:
         _await_follow_notice(proc)
