@@ -31,6 +31,7 @@ from microkernel.cli_format import (
 )
 from microkernel import cli_models, cli_store, cli_train
 from microkernel.cli_resources import leases_text, resources_line, top_table
+from microkernel.cli_types import int_at_least, json_object, positive_float
 from microkernel.client import Client, KernelUnavailable, resolve_endpoint
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main", "parse_args"]
@@ -54,40 +55,6 @@ example: mkctl call echo echo '{"text": "hi"}'
 """
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = "integer"  # argparse names the type in its error messages
-    return parse
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object of keyword arguments, got {type(value).__name__}")
-    return value
-
-
 def _global_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection and output")
@@ -95,7 +62,7 @@ def _global_options() -> argparse.ArgumentParser:
                        help=f"the kernel's control endpoint (default: ${ENDPOINT_ENV}, else the control socket in the runtime dir)")
     group.add_argument("--runtime-dir", default=argparse.SUPPRESS, metavar="DIR",
                        help="the kernel's runtime directory (its control socket is DIR/control.sock)")
-    group.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
+    group.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
                        help="request timeout (default 10 s; 120 s for start/stop/restart/scale)")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="machine-readable output: one JSON document (events: one JSON object per line)")
@@ -127,26 +94,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME")
     p = command("scale", "change the number of replicas of a service")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("replicas", type=_int_at_least(0), metavar="N")
+    p.add_argument("replicas", type=int_at_least(0), metavar="N")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the request is accepted")
     p = command("call", "call a method of a service over the direct data plane",
                 epilog=_CALL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("service", metavar="SERVICE")
     p.add_argument("method", metavar="METHOD")
-    p.add_argument("args", nargs="?", type=_json_object, default={}, metavar="JSON_ARGS",
+    p.add_argument("args", nargs="?", type=json_object, default={}, metavar="JSON_ARGS",
                    help="a JSON object of keyword arguments (default {})")
     p = command("events", "follow the event stream (Ctrl-C to stop)")
     p.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic globs, e.g. 'service.*' (default: all)")
-    p.add_argument("--since", type=_int_at_least(0), metavar="SEQ",
+    p.add_argument("--since", type=int_at_least(0), metavar="SEQ",
                    help="first replay kernel events with seq >= SEQ still in the kernel's history")
-    p.add_argument("-n", "--count", type=_int_at_least(1), metavar="N", help="exit after N events")
+    p.add_argument("-n", "--count", type=int_at_least(1), metavar="N", help="exit after N events")
     p = command("lookup", "show where a service's data plane is served")
     p.add_argument("name", metavar="NAME")
     p = command("top", "a live view of every replica: CPU, memory vs budget, threads, GPU memory vs lease "
                        "(--json: one snapshot)")
-    p.add_argument("-i", "--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+    p.add_argument("-i", "--interval", type=positive_float, default=1.0, metavar="SECONDS",
                    help="refresh period (default 1 s)")
-    p.add_argument("-n", "--count", type=_int_at_least(1), metavar="N", help="exit after N refreshes")
+    p.add_argument("-n", "--count", type=int_at_least(1), metavar="N", help="exit after N refreshes")
     command("leases", "show the GPU devices, their leases, holders, free memory and waiting requests")
     for extension in _EXTENSIONS:  # the built-in services' commands (store, models, infer, train)
         COMMANDS.update(extension.register(command))

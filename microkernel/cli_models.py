@@ -25,89 +25,45 @@ from typing import Any
 from protocols.errors import ErrorCode, MicrokernelError
 
 from microkernel.cli_format import dump_json, render_table
+from microkernel.cli_types import int_at_least, json_object, positive_float, sub_actions
 from microkernel.client import Client
 from microkernel.units import format_size
 
 __all__ = ["register"]
 
 EXIT_OK = 0
+_VERSION = int_at_least(1)
 LOAD_TIMEOUT = 600.0  # a large model from the store takes a while; the loader keeps going regardless
 INFER_TIMEOUT = 60.0
 DEFAULT_TIMEOUT = 10.0
 
 
-def _version(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _action_options() -> argparse.ArgumentParser:
-    # The global options again, so they may also follow an action (`mkctl models ls --json`);
-    # SUPPRESS keeps a value given before the action from being overwritten.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
-    common.add_argument("--runtime-dir", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS", help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
-    common.add_argument("--service", default="loader", metavar="NAME", help="the loader service's name (default: loader)")
-    return common
-
-
 def register(command: Callable[..., argparse.ArgumentParser]) -> dict[str, Callable[[Client, argparse.Namespace], int]]:
     """Add ``models`` and ``infer``; return {command_name: handler}."""
     models = command("models", "load, list, unload model versions and pick each model's default (the loader)")
-    actions = models.add_subparsers(dest="models_action", metavar="ACTION", required=True)
-    common = _action_options()
-
-    def action(name: str, text: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, help=text, description=text, parents=[common])
+    action = sub_actions(models, "models_action", service="loader", role="loader")
 
     action("ls", "list loaded model versions (state, size, device, default)")
     p = action("load", "load a model version (waits until it is ready unless --no-wait)")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--version", type=_version, metavar="N",
+    p.add_argument("--version", type=_VERSION, metavar="N",
                    help="the version (default: the stored version of models/NAME, else the next free one)")
     p.add_argument("--weights", metavar="KEY|PATH", help="a store key (default models/NAME) or a safetensors file")
     p.add_argument("--arch", metavar="ARCH", help="architecture name or module:attr (default: recorded with the weights)")
-    p.add_argument("--config", type=_json_object, metavar="JSON", help="model config overrides, a JSON object")
+    p.add_argument("--config", type=json_object, metavar="JSON", help="model config overrides, a JSON object")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="return once the load has started")
     p = action("unload", "unload a model version (every version without --version) and free its memory")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--version", type=_version, metavar="N")
+    p.add_argument("--version", type=_VERSION, metavar="N")
     p = action("default", "make VERSION the default version of NAME")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("version", type=_version, metavar="VERSION")
+    p.add_argument("version", type=_VERSION, metavar="VERSION")
 
     infer = command("infer", "run inputs through a model served by an inferencer (batched together)")
     infer.add_argument("inputs", nargs="+", metavar="INPUT", help="one input each (a string, or JSON with --json-input)")
     infer.add_argument("--service", default="inferencer", metavar="NAME", help="the inferencer service (default: inferencer)")
     infer.add_argument("--json-input", action="store_true", help="parse each INPUT as a JSON value")
-    infer.add_argument("--deadline-ms", type=_positive, metavar="MS", help="give up on inputs not started within MS")
+    infer.add_argument("--deadline-ms", type=positive_float, metavar="MS", help="give up on inputs not started within MS")
     return {"models": _cmd_models, "infer": _cmd_infer}
 
 

@@ -31,74 +31,41 @@ from protocols.errors import ErrorCode, MicrokernelError
 from protocols.store import FileSource, download, run, upload
 
 from microkernel.cli_format import dump_json, render_table
+from microkernel.cli_types import int_at_least, json_object, sub_actions
 from microkernel.client import Client
 
 EXIT_OK = 0
+_VERSION = int_at_least(1)
 TRANSFER_TIMEOUT = 60.0  # per chunk
 BACKUP_TIMEOUT = 600.0  # a snapshot copies (and verifies) every blob
 DEFAULT_TIMEOUT = 10.0
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _version(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _action_options() -> argparse.ArgumentParser:
-    # The global connection/output options, accepted after the action too (`mkctl store ls --json`).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
-    common.add_argument("--runtime-dir", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS", help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
-    common.add_argument("--service", default="store", metavar="NAME", help="the store service's name (default: store)")
-    return common
-
-
 def register(command: Callable[..., argparse.ArgumentParser]) -> dict[str, Callable[[Client, argparse.Namespace], int]]:
     """Add ``mkctl store …``; return ``{"store": handler}``."""
     parser = command("store", "put, get and manage artifacts and tensors in the store service")
-    actions = parser.add_subparsers(dest="store_action", metavar="ACTION", required=True)
-    common = _action_options()
-
-    def action(name: str, text: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, help=text, description=text, parents=[common])
+    action = sub_actions(parser, "store_action", service="store", role="store")
 
     p = action("put", "store FILE as the next version of KEY (any size: sent in chunks)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--meta", type=_json_object, metavar="JSON", help="a JSON object stored with the version")
+    p.add_argument("--meta", type=json_object, metavar="JSON", help="a JSON object stored with the version")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--tensors", dest="kind", action="store_const", const="tensors",
                       help="FILE is a safetensors file (the default for *.safetensors)")
     kind.add_argument("--bytes", dest="kind", action="store_const", const="bytes", help="store FILE as plain bytes")
     p = action("get", "write a version of KEY to FILE (or stdout), verified against its sha256")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("--version", type=_version, metavar="N", help="the version (default: the latest)")
+    p.add_argument("--version", type=_VERSION, metavar="N", help="the version (default: the latest)")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p = action("stat", "show a version of KEY: size, digest, kind, meta, every version")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("--version", type=_version, metavar="N", help="the version (default: the latest)")
+    p.add_argument("--version", type=_VERSION, metavar="N", help="the version (default: the latest)")
     p = action("ls", "list keys (starting with PREFIX)")
     p.add_argument("prefix", nargs="?", default="", metavar="PREFIX")
     p = action("rm", "delete KEY (every version, or just --version N)")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("--version", type=_version, metavar="N", help="delete only this version")
+    p.add_argument("--version", type=_VERSION, metavar="N", help="delete only this version")
     p = action("snapshot", "write a consistent copy of the whole store to DIR (new or empty, on the store's host)")
     p.add_argument("directory", metavar="DIR")
     p = action("restore", "replace the whole store by the snapshot in DIR")

@@ -20,11 +20,13 @@ from typing import Any
 from protocols import wire
 
 from microkernel.cli_format import EMPTY, dump_json, render_table
+from microkernel.cli_types import int_at_least, json_object, sub_actions
 from microkernel.client import Client
 
 __all__ = ["progress_bar", "register", "status_table"]
 
 EXIT_OK = 0
+_POSITIVE = int_at_least(1)
 EXIT_FAILED = 1
 _START_TIMEOUT_S = 60.0    # train_start builds the model and checks the dataset
 _STOP_TIMEOUT_S = 60.0     # train_stop waits for the loop to reach a step boundary
@@ -33,56 +35,21 @@ _BAR_WIDTH = 30
 _END_TOPICS = ("train.finished", "train.stopped", "train.failed")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _action_options() -> argparse.ArgumentParser:
-    # The global connection/output options, accepted after the action too (`mkctl train status --json`).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--endpoint", default=argparse.SUPPRESS, metavar="URL", help=argparse.SUPPRESS)
-    common.add_argument("--runtime-dir", default=argparse.SUPPRESS, metavar="DIR", help=argparse.SUPPRESS)
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS", help=argparse.SUPPRESS)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
-    common.add_argument("--service", default="trainer", metavar="NAME", help="the trainer service's name (default: trainer)")
-    return common
-
-
 def register(command: Callable[..., argparse.ArgumentParser]) -> dict[str, Callable[[Client, argparse.Namespace], int]]:
     """Add ``mkctl train …``; return ``{"train": handler}``."""
     parser = command("train", "start, watch and stop training jobs (the trainer service)")
-    actions = parser.add_subparsers(dest="train_action", metavar="ACTION", required=True)
-    common = _action_options()
-
-    def action(name: str, text: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, help=text, description=text, parents=[common])
+    action = sub_actions(parser, "train_action", service="trainer", role="trainer")
 
     p = action("start", "start a training job (--follow: then show its progress until it ends)")
     p.add_argument("--job", metavar="ID", help="the job id (default: a fresh job-XXXXXXXX)")
     p.add_argument("--model", default="charformer", metavar="ARCH",
                    help="architecture name or 'package.module:attr' (default: charformer)")
-    p.add_argument("--config", type=_json_object, metavar="JSON", help='model config overrides, e.g. \'{"n_layers": 4}\'')
+    p.add_argument("--config", type=json_object, metavar="JSON", help='model config overrides, e.g. \'{"n_layers": 4}\'')
     p.add_argument("--dataset", default="corpus", metavar="KEY", help="a store key of a text blob or a shipped corpus (default: corpus)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, metavar="N", help="optimizer steps (default 200 unless --epochs)")
+    length.add_argument("--steps", type=_POSITIVE, metavar="N", help="optimizer steps (default 200 unless --epochs)")
     length.add_argument("--epochs", type=float, metavar="E", help="passes over the dataset instead of --steps")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="the global batch (default 32)")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B", help="the global batch (default 32)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps between checkpoints (0: none; default 50)")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adam", "sgd"), help="default adamw")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 0.003)")
