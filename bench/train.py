@@ -24,24 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from typing import Any
 
 from harness import PYTHON, REPO, emit, log
 
+from microkernel.supervisor.distributed import free_port
+
 CEILING_S = 600.0
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(world: int, threads: int, steps: int, warmup: int, batch: int) -> dict[str, Any]:
-    port = _port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from microkernel.client import Client
+from microkernel.supervisor.distributed import free_port
 from services.models import corpus
 from services.models.registry import resolve
 from services.models.weights import to_numpy
@@ -33,12 +33,6 @@ GLOBAL_BATCH = 8
 # SGD: its update is linear in the gradient. (Adam turns float noise in a zero gradient, like the
 # key bias's, into lr-sized steps, so two exact-in-math runs drift apart in such parameters.)
 OPTIMIZER = json.dumps({"name": "sgd", "lr": 0.5, "momentum": 0.9})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def standalone(out: Path, *, rank: int | None, world: int, port: int) -> subprocess.Popen[bytes]:
