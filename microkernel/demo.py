@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from microkernel.cli_train import end_line, progress_bar
 from microkernel.client import AsyncClient, Client
-from microkernel.tour import CEILING_S, Session
+from microkernel.tour import CEILING_S, Session, run_in_workdir
 
 CONFIG = """\
 [kernel]
@@ -192,15 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, log, store)")
     parser.add_argument("--quick", action="store_true", help="a shorter run (fewer steps and requests)")
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="mk-demo-", dir="/tmp"))
-    demo = MLDemo(workdir, verbose=args.verbose, plan=Plan(args.quick))
-    try:
-        demo.run()
-    finally:
-        demo.close()
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    plan = Plan(args.quick)
+    return run_in_workdir(lambda workdir: MLDemo(workdir, verbose=args.verbose, plan=plan), prefix="mk-demo-",
+                          keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 CONFIG = """\
@@ -48,6 +49,10 @@ class Session:
         self.config.write_text(config)
         self.log_path = workdir / "microkerneld.log"
         self.daemon: subprocess.Popen[bytes] | None = None
+
+    def run(self) -> None:
+        """What the session does with its daemon (the tour, the demo)."""
+        raise NotImplementedError
 
     def step(self, title: str) -> None:
         print(f"\n== {title}", flush=True)
@@ -186,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", "-v", action="store_true", help="also show the daemon's log as it runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config and log)")
     args = parser.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="mk-tour-", dir="/tmp"))
-    tour = Tour(workdir, verbose=args.verbose)
+    return run_in_workdir(lambda workdir: Tour(workdir, verbose=args.verbose), prefix="mk-tour-", keep=args.keep)
+
+
+def run_in_workdir(make: Callable[[Path], Session], *, prefix: str, keep: bool) -> int:
+    """Run a session in a fresh temporary directory; stop its daemon and remove the directory after."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    session = make(workdir)
     try:
-        tour.run()
+        session.run()
     finally:
-        tour.close()
-        if not args.keep:
+        session.close()
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
