@@ -12,25 +12,13 @@ import numpy as np
 import pytest
 
 from protocols import handover, shm
+from tests.segments import own_segments
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
-
-
-def _mine() -> set[str]:
-    """This process's segment names (other processes on the machine have their own)."""
-    marker = f".{os.getpid()}."
-    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith("mk.") and marker in n}
+pytestmark = [pytest.mark.skipif(not shm.available(), reason="needs /dev/shm"),
+              pytest.mark.usefixtures("no_leftover_segments")]
 
 
-@pytest.fixture(autouse=True)
-def clean() -> None:
-    handover.release_all()
-    gc.collect()
-    before = _mine()
-    yield
-    handover.release_all()
-    gc.collect()
-    assert _mine() <= before, "the test left segments behind"
+
 
 
 def test_names_carry_kernel_and_owner(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,11 +134,11 @@ def test_empty_arrays_are_handed_over_without_a_copy() -> None:
     received = np.frombuffer(view, dtype=np.float32).reshape(256, 256)
     arr[0, 0] = 5.0  # the same pages (senders must treat a sent array as read-only)
     assert received[0, 0] == 5.0 and received[1].sum() == 512
-    owner = [n for n in _mine() if ".a" in n]
+    owner = [n for n in own_segments() if ".a" in n]
     assert len(owner) == 1
     del arr
     gc.collect()
-    assert not [n for n in _mine() if ".a" in n]  # the owner's name went with the array
+    assert not [n for n in own_segments() if ".a" in n]  # the owner's name went with the array
     assert received[2, 2] == 2.0  # the receiver's mapping lives on
     assert shm.empty(0, "int8").size == 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 from typing import Any
@@ -18,7 +17,8 @@ from services.base import Service, rpc
 from services.dataplane import DataPlane
 from services.handlers import bind_rpc_handlers
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+pytestmark = [pytest.mark.skipif(not shm.available(), reason="needs /dev/shm"),
+              pytest.mark.usefixtures("no_leftover_segments")]
 
 MIB = 1 << 20
 
@@ -44,12 +44,6 @@ def _request(method: str, **args: Any) -> list[Any]:
     return [b"\x00\x80\x00\x00\x29", *wire.encode(messages.RpcRequest(method=method, args=args), sender="t")]
 
 
-@pytest.fixture(autouse=True)
-def clean() -> None:
-    handover.release_all()
-    yield
-    handover.release_all()
-    gc.collect()
 
 
 def test_same_host_replies_hand_over_and_dropped_ones_are_reclaimed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 import msgpack
@@ -12,26 +11,14 @@ import pytest
 from protocols import handover, messages, shm, wire
 from protocols.errors import ErrorCode, ProtocolError
 
-pytestmark = pytest.mark.skipif(not shm.available(), reason="needs /dev/shm")
+pytestmark = [pytest.mark.skipif(not shm.available(), reason="needs /dev/shm"),
+              pytest.mark.usefixtures("no_leftover_segments")]
 
 REQUEST = wire.Header(b"r" * 16, "rpc_request", wire.PROTOCOL_VERSION, "caller", 0)
 THRESHOLD = 1 << 20
 
 
-def _mine() -> set[str]:
-    marker = f".{os.getpid()}."
-    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith("mk.") and marker in n}
 
-
-@pytest.fixture(autouse=True)
-def clean() -> None:
-    handover.release_all()
-    gc.collect()
-    before = _mine()
-    yield
-    handover.release_all()
-    gc.collect()
-    assert _mine() <= before, "the test left segments behind"
 
 
 def _reply(result: object, **kw: object) -> list[object]:
