@@ -40,8 +40,8 @@ from microkernel.resources.broker import LeaseBroker
 from microkernel.resources.leases import Lease, LeaseRequest, LeaseTable
 from microkernel.resources.memory import BudgetTracker
 from microkernel.resources.sampling import TreeUsage
-from microkernel.resources import segments
 from microkernel.resources.pressure import HostMemory, HostPressure, read_host_memory
+from microkernel.resources import segments
 from microkernel.units import format_size
 
 __all__ = ["ExitFacts", "Placement", "ReplicaKey", "ResourceManager", "holder_of"]
@@ -123,9 +123,9 @@ class ResourceManager:
         """Lease id → (pid, start time) of a client process the lease is bound to."""
         self.busy_cgroups: list[Path] = []
         self.rounds = 0
+        """Sampling rounds completed (status shows it: a client can wait for fresh samples)."""
         self.generation = 0
         """Bumped by admissions, placements and exits; with the lease table's, keys cached status views."""
-        """Sampling rounds completed (status shows it: a client can wait for fresh samples)."""
 
     # --- start-up ------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class ResourceManager:
     def close(self) -> None:
         """Fail every queued lease request and unlink this kernel's shared memory (kernel shutdown)."""
         self.broker.cancel_all("the kernel is shutting down")
-        segments.reap_all(segments.own_pid())
+        segments.reap_all(own=True)
 
     # --- admission -----------------------------------------------------------------------------
 
@@ -365,9 +365,9 @@ class ResourceManager:
         """Unlink the shared memory that exited process ``pid`` (and any other dead owner) left."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.executor, segments.reap_replica, segments.own_pid(), pid)
+            return await loop.run_in_executor(self.executor, segments.reap_replica, pid)
         except RuntimeError:  # the pool is already shut down (the very end of a teardown)
-            return segments.reap_replica(segments.own_pid(), pid)
+            return segments.reap_replica(pid)
 
     def status_key(self) -> tuple[int, int, int]:
         """Changes whenever admissions, placements, leases or waiting requests change."""

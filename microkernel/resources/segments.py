@@ -1,10 +1,11 @@
 """Shared-memory segments left behind by replicas: the kernel unlinks them when their owner dies.
 
 Services put large tensors in POSIX shared memory (``protocols.shm``), named after the kernel and
-the owning process. A dead process cannot unlink its own segments, so the kernel does it: for the
-replica that exited, and at start and stop for any segment whose owner is gone (descendants of
-replicas, replicas of a kernel that was killed). Receivers that already mapped a segment keep
-their mapping: unlinking only removes the name. These run in the kernel's thread pool.
+the owning process (the kernel's pid is its replicas' ``MK_KERNEL_PID``: this process's pid). A
+dead process cannot unlink its own segments, so the kernel does it: for the replica that exited,
+and at start and stop for any segment whose owner is gone (descendants of replicas, replicas of a
+kernel that was killed). Receivers that already mapped a segment keep their mapping: unlinking only
+removes the name. These run in the kernel's thread pool.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from protocols import shm
 log = logging.getLogger("microkernel.resources")
 
 
-def reap_replica(kernel_pid: int, pid: int) -> int:
-    """Unlink the segments of replica ``pid`` and of any other dead owner; returns the count."""
+def reap_replica(pid: int) -> int:
+    """Unlink the segments of this kernel's replica ``pid`` and of any other dead owner; returns the count."""
     try:
-        count = shm.sweep(kernel_pid=kernel_pid, owner_pid=pid) + shm.sweep_orphans()
+        count = shm.sweep(kernel_pid=os.getpid(), owner_pid=pid) + shm.sweep_orphans()
     except OSError as exc:
         log.warning("could not clean up the shared memory of pid %d: %s", pid, exc)
         return 0
@@ -29,12 +30,12 @@ def reap_replica(kernel_pid: int, pid: int) -> int:
     return count
 
 
-def reap_all(kernel_pid: int | None = None) -> int:
-    """At start: segments of dead owners; at stop (``kernel_pid`` given): also every one of this kernel."""
+def reap_all(*, own: bool = False) -> int:
+    """At start: segments of dead owners; at stop (``own``): also every one of this kernel."""
     try:
         count = shm.sweep_orphans()
-        if kernel_pid is not None:
-            count += shm.sweep(kernel_pid=kernel_pid)
+        if own:
+            count += shm.sweep(kernel_pid=os.getpid())
     except OSError as exc:
         log.warning("could not clean up shared memory: %s", exc)
         return 0
@@ -42,7 +43,3 @@ def reap_all(kernel_pid: int | None = None) -> int:
         log.info("unlinked %d leftover shared-memory segment(s)", count)
     return count
 
-
-def own_pid() -> int:
-    """The kernel's pid, as segment names carry it (``MK_KERNEL_PID`` of its replicas)."""
-    return os.getpid()
