@@ -15,8 +15,9 @@ Prints exactly one JSON line on stdout (progress on stderr). What is measured:
 * ``raw_async_*``: the same client against a uvloop server that watches the zmq FD with
   ``loop.add_reader`` and drains with NOBLOCK (the fastest asyncio pattern).
   Latency rounds of the three are interleaved, so background load hits all of them alike.
-* ``*_pipelined_per_s``: one client keeping a window of 100 requests in flight (ours: the wire
-  codec of ``protocols.wire`` on a DEALER connected to the endpoint from a lookup; raw: msgpack).
+* ``*_pipelined_per_s``: one client keeping a window of 100 requests in flight (ours: the frames
+  ``SyncRequester.call`` sends, ``wire.encode_rpc_request``, and ``wire.decode`` of the replies, on
+  a DEALER connected to the endpoint from a lookup; raw: msgpack).
 * ``events_per_s``: ``bench.services:Publisher.burst`` publishes from inside an RPC handler
   (``Service.publish`` in a loop) through the kernel's XSUB/XPUB proxy to a
   ``protocols.subscription.SyncSubscriber`` that decodes every event; ``raw_pubsub_per_s``: a
@@ -107,7 +108,7 @@ def latency_ours(client: Any, n: int) -> list[int]:
 
 def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) -> float:
     """Messages/s with ``window`` rpc_requests in flight on one DEALER (the SDK's wire codec)."""
-    from protocols import messages, wire
+    from protocols import wire
 
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -115,8 +116,8 @@ def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) 
         sock.connect(ep)
     from protocols import transport
 
-    encode, decode = wire.encode, wire.decode
-    RpcRequest = messages.RpcRequest
+    # What SyncRequester.call sends (the message without building an RpcRequest), and plain decode.
+    encode_rpc_request, decode = wire.encode_rpc_request, wire.decode
     # The SDK's own frame I/O when it has helpers for it (what SyncRequester uses), else pyzmq's.
     send_message = getattr(transport, "send_message", None)
     recv_message = getattr(transport, "recv_message", None)
@@ -128,7 +129,7 @@ def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) 
             return s.recv_multipart(copy=False)
 
     def request() -> None:
-        send_message(sock, encode(RpcRequest(method="echo", args={"text": PAYLOAD_TEXT}), sender="bench"))
+        send_message(sock, encode_rpc_request("echo", {"text": PAYLOAD_TEXT}, sender="bench"))
 
     def recv() -> Any:
         return recv_message(sock)

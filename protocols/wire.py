@@ -189,26 +189,29 @@ def _shm_ref(obj: Any, nbytes: int, typing: list[Any]) -> msgpack.ExtType | None
     return ref
 
 
+_BINARY_TYPES = frozenset({bytes, bytearray, memoryview})
+
+
 def _has_large_binary(body: dict[str, Any]) -> bool:
     """Whether a value of ``body``, or of a map or array directly inside it, must become a frame.
 
     Cheap pre-check for the common shapes (``args``/``result`` holding a blob or a map of blobs).
     Arrays never need it (the packer's ``default`` hook takes them at any depth); a large binary
-    nested deeper is caught after packing by the size of the result (see ``_pack_body``).
+    nested deeper is caught after packing by the size of the result (see ``_pack_body``). The
+    usual container holds no binary at all, which ``isdisjoint`` over the value types tells
+    without a Python-level loop.
     """
     for v in body.values():
         t = type(v)
-        if t is bytes:
-            if len(v) >= INLINE_BYTES_LIMIT:
-                return True
-        elif t is bytearray or t is memoryview:
-            if memoryview(v).nbytes >= INLINE_BYTES_LIMIT:
-                return True
-        elif t is dict or t is list or t is tuple:
-            for x in (v.values() if t is dict else v):
-                tx = type(x)
-                if (tx is bytes or tx is bytearray or tx is memoryview) and memoryview(x).nbytes >= INLINE_BYTES_LIMIT:
+        if t is dict or t is list or t is tuple:
+            items = v.values() if t is dict else v
+            if _BINARY_TYPES.isdisjoint(map(type, items)):
+                continue
+            for x in items:
+                if type(x) in _BINARY_TYPES and memoryview(x).nbytes >= INLINE_BYTES_LIMIT:
                     return True
+        elif t in _BINARY_TYPES and memoryview(v).nbytes >= INLINE_BYTES_LIMIT:
+            return True
     return False
 
 
@@ -330,11 +333,61 @@ def _pack_header(
 ) -> bytes:
     """The header frame; optional keys are omitted rather than sent as nil (spec §3.1)."""
     # Straight-line on purpose: on this path every Python-level call costs as much as the packing.
+    # The usual header (ids of 16 bytes, as new_msg_id makes them) is one struct.pack of a layout
+    # made once per kind of header; anything else is assembled from its pieces.
+    if msg_id is None:
+        msg_id = _pack_msg_id(_MSG_ID_PREFIX, next(_counter))
+    ts_ns = _time_ns()
+    if (type(msg_id) is bytes and len(msg_id) == 16 and ts_ns >= 0x1_0000_0000
+            and (parent_id is None or (type(parent_id) is bytes and len(parent_id) == 16))
+            and (deadline_ns is None or (type(deadline_ns) is int and 0x1_0000_0000 <= deadline_ns <= _U64_MAX))):
+        key = (msg_type, sender, status, parent_id is not None, deadline_ns is not None)
+        layout = _layouts.get(key)
+        if layout is None:
+            layout = _layout(key)
+        pack, head, middle, tail = layout
+        if parent_id is None:
+            if deadline_ns is None:
+                return pack(head, msg_id, middle, ts_ns, tail)
+            return pack(head, msg_id, middle, ts_ns, _DEADLINE_U64, deadline_ns, tail)
+        if deadline_ns is None:
+            return pack(head, msg_id, middle, ts_ns, _PARENT_BIN16, parent_id, tail)
+        return pack(head, msg_id, middle, ts_ns, _PARENT_BIN16, parent_id, _DEADLINE_U64, deadline_ns, tail)
+    return _pack_header_parts(msg_type, sender, msg_id, parent_id, deadline_ns, status, ts_ns)
+
+
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+_PARENT_BIN16 = _KEY_PARENT_ID + _BIN8[16]
+_DEADLINE_U64 = _KEY_DEADLINE_NS + b"\xcf"
+_layouts: dict[tuple[str, str, str | None, bool, bool], tuple[Any, bytes, bytes, bytes]] = {}
+
+
+def _layout(key: tuple[str, str, str | None, bool, bool]) -> tuple[Any, bytes, bytes, bytes]:
+    """``(struct pack, head, middle, tail)`` for headers of one kind: the same bytes as the pieces."""
+    msg_type, sender, status, parent, deadline = key
+    middle, tail = _template(msg_type, sender, status)
+    middle += b"\xcf"  # ts_ns is always a uint64
+    head = _MAP[5 + parent + deadline + (status is not None)] + _KEY_MSG_ID + _BIN8[16]
+    fmt = f">{len(head)}s16s{len(middle)}sQ"
+    if parent:
+        fmt += f"{len(_PARENT_BIN16)}s16s"
+    if deadline:
+        fmt += f"{len(_DEADLINE_U64)}sQ"
+    layout = (struct.Struct(fmt + f"{len(tail)}s").pack, head, middle, tail)
+    if len(_layouts) < _TEMPLATE_LIMIT:  # event names are open-ended: bound the cache
+        _layouts[key] = layout
+    return layout
+
+
+def _pack_header_parts(
+    msg_type: str, sender: str, msg_id: bytes | None, parent_id: bytes | None, deadline_ns: int | None,
+    status: str | None, ts_ns: int,
+) -> bytes:
+    """``_pack_header`` from pre-packed pieces: ids of other sizes, deadlines outside uint64."""
     template = _templates.get((msg_type, sender, status))
     middle, tail = template if template is not None else _template(msg_type, sender, status)
     if not msg_id:
         msg_id = _pack_msg_id(_MSG_ID_PREFIX, next(_counter))
-    ts_ns = _time_ns()
     if type(msg_id) is not bytes or len(msg_id) > 255 or ts_ns < 0x1_0000_0000:
         return _pack_header_map(msg_type, sender, msg_id, parent_id, deadline_ns, status, ts_ns)
     parts = [b"", _KEY_MSG_ID, _BIN8[len(msg_id)], msg_id, middle, _U64(0xCF, ts_ns)]
@@ -582,7 +635,55 @@ def _middle(middle: bytes) -> tuple[str, tuple[int, int], str] | None:
 
 
 def _decode_canonical_header(raw: bytes) -> Header | None:
-    """The header when ``raw`` is in the canonical layout, else None (not necessarily invalid)."""
+    """The header when ``raw`` is in the canonical layout, else None (not necessarily invalid).
+
+    Headers of one kind from one peer have one length and one layout: the last layout seen at a
+    length is tried first, as one ``struct`` unpack whose constant parts are then compared (the
+    bytes are exactly that layout or the scan below decides). Layouts come from :func:`_scan_header`.
+    """
+    layout = _parsers.get(len(raw))
+    if layout is not None:
+        variant, unpack, head, tail, status = layout
+        parent_id = deadline_ns = None
+        if variant == 0:
+            h, msg_id, middle, ts_ns, t = unpack(raw)
+            ok = True
+        elif variant == 1:
+            h, msg_id, middle, ts_ns, k, parent_id, t = unpack(raw)
+            ok = k == _PARENT_BIN16
+        elif variant == 2:
+            h, msg_id, middle, ts_ns, k, deadline_ns, t = unpack(raw)
+            ok = k == _DEADLINE_U64
+        else:
+            h, msg_id, middle, ts_ns, k, parent_id, k2, deadline_ns, t = unpack(raw)
+            ok = k == _PARENT_BIN16 and k2 == _DEADLINE_U64
+        if ok and h == head and t == tail:
+            fields = _middles.get(middle)
+            if fields is not None:
+                msg_type, version, sender = fields
+                return _new_header(Header, (msg_id, msg_type, version, sender, ts_ns, parent_id, deadline_ns, status))
+    return _scan_header(raw)
+
+
+_parsers: dict[int, tuple[int, Any, bytes, bytes, str | None]] = {}
+
+
+def _learn_layout(n: int, middle: bytes, parent: bool, deadline: bool, status: str | None) -> None:
+    """Remember the layout of a valid canonical header of ``n`` bytes with ids of 16 bytes."""
+    tail = b"" if status is None else (_STATUS_OK_ENTRY if status == STATUS_OK else _STATUS_ERROR_ENTRY)
+    head = _MAP[5 + parent + deadline + (status is not None)] + _KEY_MSG_ID + _BIN8[16]
+    fmt = f">{len(head)}s16s{len(middle)}sQ"
+    if parent:
+        fmt += f"{len(_PARENT_BIN16)}s16s"
+    if deadline:
+        fmt += f"{len(_DEADLINE_U64)}sQ"
+    layout = struct.Struct(fmt + f"{len(tail)}s")
+    if layout.size == n and (n in _parsers or len(_parsers) < _TEMPLATE_LIMIT):
+        _parsers[n] = (parent + 2 * deadline, layout.unpack, head, tail, status)
+
+
+def _scan_header(raw: bytes) -> Header | None:
+    """``_decode_canonical_header`` by scanning the bytes (and learning their layout)."""
     n = len(raw)
     if n < 40 or raw[1:9] != b"\xa6msg_id\xc4":
         return None
@@ -630,6 +731,8 @@ def _decode_canonical_header(raw: bytes) -> Header | None:
         entries -= 1
     if entries or p != n:
         return None
+    if len(msg_id) == 16 and (parent_id is None or len(parent_id) == 16) and middle in _middles:
+        _learn_layout(n, middle, parent_id is not None, deadline_ns is not None, status)
     msg_type, version, sender = fields
     return _new_header(Header, (msg_id, msg_type, version, sender, ts_ns, parent_id, deadline_ns, status))
 
@@ -875,6 +978,41 @@ def decode(frames: Sequence[Any], *, topic: bool = False, max_size: int | None =
 
 
 _unpackb = msgpack.unpackb
+
+
+def decode_rpc_request(frames: Sequence[Any], max_size: int | None) -> tuple[list[bytes], Header, str, dict[str, Any]] | None:
+    """``(routing, header, method, args)`` of the data plane's usual message, else None.
+
+    The usual message is an ``rpc_request`` from one DEALER, without buffer frames, in the
+    canonical header layout, whose body is exactly ``{method: str, args: map}``: what every SDK
+    caller sends. It is checked here as :func:`decode` would check it, without building the
+    ``RpcRequest`` and the ``Envelope`` (each message costs the server a few microseconds of
+    Python; this is a good share of them). None means "not the usual message" only: ``decode``
+    then decides, and explains what is wrong if anything is.
+    """
+    if len(frames) != 4:
+        return None
+    routing_id, magic, raw_header, raw_body = frames
+    if (type(raw_body) is not bytes or type(raw_header) is not bytes or type(routing_id) is not bytes
+            or magic != MAGIC or (max_size is not None and 3 + len(routing_id) + len(raw_header) + len(raw_body) > max_size)):
+        return None
+    header = _decode_canonical_header(raw_header)
+    if header is None or header.msg_type != "rpc_request" or header.status is not None:
+        return None
+    try:
+        body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
+    except Exception:
+        return None
+    if type(body) is not dict or len(body) != 2:
+        return None
+    method = body.get("method")
+    args = body.get("args")
+    if type(method) is not str or type(args) is not dict:
+        return None
+    for key in args:
+        if type(key) is not str:  # decode's check of the args map, for its error reply
+            return None
+    return [routing_id], header, method, args
 
 
 class _Builders(dict):  # type: ignore[type-arg]

@@ -123,92 +123,99 @@ class DataPlane:
     # --- the hot path --------------------------------------------------------------------------
 
     def _on_message(self, frames: list[Any]) -> None:
-        try:
-            env = wire.decode(frames, max_size=self.max_size, shm=self._shm_accepted)
-        except ProtocolError as exc:
-            self._reject(exc)
-            return
-        header = env.header
-        if header.status is not None:
-            if self._bad_input.allow():
-                self.log.warning("ignoring a %s sent to the data plane by %r", header.msg_type, header.sender)
-            return
-        request = env.message
-        if type(request) is not messages.RpcRequest:
-            self._error(env, ErrorCode.UNKNOWN_TYPE, f"the data plane of {self.service!r} serves rpc_request, not {header.msg_type}")
-            return
+        usual = wire.decode_rpc_request(frames, self.max_size)
+        if usual is not None:
+            routing, header, method, args = usual
+        else:
+            try:
+                env = wire.decode(frames, max_size=self.max_size, shm=self._shm_accepted)
+            except ProtocolError as exc:
+                self._reject(exc)
+                return
+            routing, header = env.routing, env.header
+            if header.status is not None:
+                if self._bad_input.allow():
+                    self.log.warning("ignoring a %s sent to the data plane by %r", header.msg_type, header.sender)
+                return
+            request = env.message
+            if type(request) is not messages.RpcRequest:
+                self._error(routing, header, ErrorCode.UNKNOWN_TYPE,
+                            f"the data plane of {self.service!r} serves rpc_request, not {header.msg_type}")
+                return
+            method, args = request.method, request.args
         if self.phase is not Phase.SERVING:
             if self.phase is Phase.STARTING:
-                self._error(env, ErrorCode.NOT_READY, f"service {self.service!r} is still starting")
+                self._error(routing, header, ErrorCode.NOT_READY, f"service {self.service!r} is still starting")
             else:
-                self._error(env, ErrorCode.SHUTTING_DOWN, f"service {self.service!r} is stopping")
+                self._error(routing, header, ErrorCode.SHUTTING_DOWN, f"service {self.service!r} is stopping")
             return
         deadline_ns = header.deadline_ns
         if deadline_ns is not None and deadline_ns <= time.time_ns():
-            self._error(env, ErrorCode.DEADLINE_EXCEEDED, f"the deadline of {request.method} passed before it was served")
+            self._error(routing, header, ErrorCode.DEADLINE_EXCEEDED, f"the deadline of {method} passed before it was served")
             return
-        handler = self.handlers.get(request.method)
+        handler = self.handlers.get(method)
         if handler is None:
             self._error(
-                env, ErrorCode.UNKNOWN_METHOD,
-                f"service {self.service!r} has no method {request.method!r} (methods: {', '.join(self.methods) or 'none'})",
+                routing, header, ErrorCode.UNKNOWN_METHOD,
+                f"service {self.service!r} has no method {method!r} (methods: {', '.join(self.methods) or 'none'})",
             )
             return
-        args = request.args
         spec = handler.args
         names = spec.names
         # ArgSpec.problem's set comparison first, here: most calls bind, and then cost no call.
         if names is None or not (args.keys() <= names and spec.required <= args.keys()):
             problem = spec.problem(args)
             if problem is not None:
-                self._error(env, ErrorCode.INVALID_FIELD, f"bad arguments for {request.method}: {problem}")
+                self._error(routing, header, ErrorCode.INVALID_FIELD, f"bad arguments for {method}: {problem}")
                 return
         if handler.is_async:
-            self._spawn(handler.name, handler.fn(**args), env)
+            self._spawn(handler.name, handler.fn(**args), routing, header)
             return
         try:
             result = handler.fn(**args)
         except MicrokernelError as exc:
-            self._error(env, exc.code, exc.reason, exc.details)
+            self._error(routing, header, exc.code, exc.reason, exc.details)
             return
         except Exception as exc:
-            self._failed(env, handler.name, exc)
+            self._failed(routing, header, handler.name, exc)
             return
         if type(result) is types.CoroutineType:  # a sync wrapper around an async function
-            self._spawn(handler.name, result, env)
+            self._spawn(handler.name, result, routing, header)
             return
-        self._reply(env, handler.name, result)
+        self._reply(routing, header, handler.name, result)
 
-    def _reply(self, env: wire.Envelope, method: str, result: Any) -> None:
+    def _reply(self, routing: list[bytes], header: wire.Header, method: str, result: Any) -> None:
         if self.shm_threshold is not None:
-            self._reply_shm(env, method, result)
+            self._reply_shm(routing, header, method, result)
             return
         try:
-            frames = wire.encode_result(env.header, result, sender=self.sender, routing=env.routing)
+            frames = wire.encode_result(header, result, sender=self.sender, routing=routing)
         except (TypeError, ValueError, OverflowError):
             # Torch tensors (or other non-msgpack values): convert, and report what still fails.
             try:
-                frames = wire.encode_result(env.header, portable(result), sender=self.sender, routing=env.routing)
+                frames = wire.encode_result(header, portable(result), sender=self.sender, routing=routing)
             except (TypeError, ValueError, OverflowError) as exc:
-                self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
+                self._error(routing, header, ErrorCode.HANDLER_ERROR,
+                            f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
                 return
         self.socket.send(frames)
 
-    def _reply_shm(self, env: wire.Envelope, method: str, result: Any) -> None:
+    def _reply_shm(self, routing: list[bytes], header: wire.Header, method: str, result: Any) -> None:
         """``_reply`` to a same-host caller: large payloads are handed over by shared memory."""
         handoffs: list[str] = []
         threshold = self.shm_threshold
         try:
-            frames = wire.encode_result(env.header, result, sender=self.sender, routing=env.routing,
+            frames = wire.encode_result(header, result, sender=self.sender, routing=routing,
                                         shm_threshold=threshold, handoffs=handoffs)
         except (TypeError, ValueError, OverflowError):
             # (A failed encoding has already taken back its hand-overs.)
             handoffs.clear()
             try:
-                frames = wire.encode_result(env.header, portable(result), sender=self.sender, routing=env.routing,
+                frames = wire.encode_result(header, portable(result), sender=self.sender, routing=routing,
                                             shm_threshold=threshold, handoffs=handoffs)
             except (TypeError, ValueError, OverflowError) as exc:
-                self._error(env, ErrorCode.HANDLER_ERROR, f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
+                self._error(routing, header, ErrorCode.HANDLER_ERROR,
+                            f"the result of {method} cannot be sent: {type(exc).__name__}: {exc}")
                 return
         if not self.socket.send(frames) and handoffs:
             handover.reclaim(handoffs)  # the reply was dropped: nobody will claim its segments
@@ -222,12 +229,13 @@ class DataPlane:
         if handover.pending():
             self._shm_expiry = self._loop.call_later(handover.CLAIM_TTL_S / 2, self._expire_shm)
 
-    def _error(self, env: wire.Envelope, code: ErrorCode | str, reason: str, details: dict[str, Any] | None = None) -> None:
-        self.socket.send(wire.encode_error(env.header, code, reason, sender=self.sender, details=details, routing=env.routing))
+    def _error(self, routing: list[bytes], header: wire.Header, code: ErrorCode | str, reason: str,
+               details: dict[str, Any] | None = None) -> None:
+        self.socket.send(wire.encode_error(header, code, reason, sender=self.sender, details=details, routing=routing))
 
-    def _failed(self, env: wire.Envelope, method: str, exc: BaseException) -> None:
+    def _failed(self, routing: list[bytes], header: wire.Header, method: str, exc: BaseException) -> None:
         self.log.error("handler %s raised %s: %s", method, type(exc).__name__, exc, exc_info=exc)
-        self._error(env, ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
+        self._error(routing, header, ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _reject(self, exc: ProtocolError) -> None:
         """Answer frames that did not decode, addressed with what the decoder could recover."""
@@ -243,13 +251,13 @@ class DataPlane:
 
     # --- async handlers ------------------------------------------------------------------------
 
-    def _spawn(self, method: str, coro: Coroutine[Any, Any, Any], env: wire.Envelope) -> None:
-        task = self._loop.create_task(self._run(method, coro, env))
+    def _spawn(self, method: str, coro: Coroutine[Any, Any, Any], routing: list[bytes], header: wire.Header) -> None:
+        task = self._loop.create_task(self._run(method, coro, routing, header))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, method: str, coro: Coroutine[Any, Any, Any], env: wire.Envelope) -> None:
-        deadline_ns = env.header.deadline_ns
+    async def _run(self, method: str, coro: Coroutine[Any, Any, Any], routing: list[bytes], header: wire.Header) -> None:
+        deadline_ns = header.deadline_ns
         try:
             if deadline_ns is None:
                 result = await coro
@@ -263,17 +271,18 @@ class DataPlane:
                 except TimeoutError:
                     if not timeout.expired():
                         raise  # the handler's own TimeoutError: a handler error
-                    self._error(env, ErrorCode.DEADLINE_EXCEEDED, f"{method} did not finish before the request's deadline")
+                    self._error(routing, header, ErrorCode.DEADLINE_EXCEEDED,
+                                f"{method} did not finish before the request's deadline")
                     return
         except asyncio.CancelledError:
-            self._error(env, ErrorCode.SHUTTING_DOWN, f"{method} was cancelled: service {self.service!r} is stopping")
+            self._error(routing, header, ErrorCode.SHUTTING_DOWN, f"{method} was cancelled: service {self.service!r} is stopping")
             raise
         except MicrokernelError as exc:
-            self._error(env, exc.code, exc.reason, exc.details)
+            self._error(routing, header, exc.code, exc.reason, exc.details)
         except Exception as exc:
-            self._failed(env, method, exc)
+            self._failed(routing, header, method, exc)
         else:
-            self._reply(env, method, result)
+            self._reply(routing, header, method, result)
 
     # --- stopping ------------------------------------------------------------------------------
 

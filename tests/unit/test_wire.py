@@ -192,3 +192,51 @@ def test_a_message_packed_ahead_decodes_like_the_message_itself() -> None:
         assert env.header.parent_id == request.header.msg_id and env.header.status == "ok"
     with pytest.raises(ValueError):
         wire.pack_message(m.RpcReply(result=b"x" * wire.INLINE_BYTES_LIMIT))
+
+
+_ARG_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(method=st.text(max_size=16), args=st.dictionaries(st.text(max_size=10), _ARG_VALUES, max_size=5),
+       deadline=st.none() | st.integers(2**32, 2**63))
+def test_the_data_plane_fast_path_agrees_with_decode(method: str, args: dict, deadline: int | None) -> None:
+    frames = [b"\x00peer", *wire.encode_rpc_request(method, args, sender="caller", deadline_ns=deadline)]
+    usual = wire.decode_rpc_request(frames, 1 << 20)
+    env = wire.decode(frames, max_size=1 << 20)
+    assert usual is not None
+    routing, header, got_method, got_args = usual
+    assert (routing, header, got_method, got_args) == (env.routing, env.header, env.message.method, env.message.args)
+
+
+def _request_frames(body: object, **header: object) -> list:
+    frames = [b"\x00peer", *wire.encode_rpc_request("m", {}, sender="caller")]
+    frames[3] = msgpack.packb(body, use_bin_type=True)
+    return frames
+
+
+@pytest.mark.parametrize("frames", [
+    _request_frames({"method": "m"}),                              # args omitted: decode fills the default
+    _request_frames({"method": "m", "args": {}, "extra": 1}),      # unknown field: ignored by decode
+    _request_frames({"method": 1, "args": {}}),                    # wrong type: decode's error
+    _request_frames({"method": "m", "args": {1: 2}}),              # non-string argument name
+    _request_frames([1, 2]),                                       # not a map
+    [b"\x00peer", *wire.encode_rpc_request("m", {}, sender="caller")][:3],          # truncated
+    [b"\x00peer", *wire.encode_rpc_request("m", {"b": b"x" * 70_000}, sender="c")],  # buffer frame
+    [b"\x00peer", *wire.encode(m.PingRequest(), sender="caller")],                   # another type
+    [b"\x00peer", *wire.encode_error(None, ErrorCode.INTERNAL, "no", sender="caller")],  # a reply
+])
+def test_anything_unusual_is_left_to_decode(frames: list) -> None:
+    assert wire.decode_rpc_request(frames, 1 << 20) is None
+
+
+def test_the_fast_path_respects_the_size_limit() -> None:
+    frames = [b"\x00peer", *wire.encode_rpc_request("m", {"text": "x" * 100}, sender="caller")]
+    size = sum(len(f) for f in frames)
+    assert wire.decode_rpc_request(frames, size) is not None
+    assert wire.decode_rpc_request(frames, size - 1) is None
