@@ -12,8 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import zmq
-
 from protocols import messages, wire
 from protocols.directory import AsyncDirectory
 from protocols.errors import CallTimeout
@@ -21,11 +19,13 @@ from protocols.subscription import AsyncSubscriber
 from protocols.transport import AsyncRequester
 
 from microkernel.client_base import (
+    CONTROL_MAX_MESSAGE_SIZE,
     DEFAULT_TIMEOUT,
     READINESS_PATTERNS,
     check_reachable,
     describe_progress,
     event_service,
+    events_address,
     failed_error,
     lease_acquire,
     lifecycle_timeout,
@@ -36,6 +36,7 @@ from microkernel.client_base import (
     service_entry,
     top_rows,
 )
+from microkernel.security.keys import client_context
 from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, HistoryReplay
 
 __all__ = ["AsyncClient"]
@@ -51,11 +52,14 @@ class AsyncClient:
         name: str = "client",
         *,
         runtime_dir: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint, runtime_dir)
         self.timeout = timeout
         self.name = name
-        self._ctx = zmq.Context.instance()
+        # tcp + keys (arguments, else $MICROKERNEL_CLIENT_KEY / $MICROKERNEL_SERVER_KEY): CURVE sockets.
+        self._ctx, self._own_ctx = client_context(self.endpoint, client_key, server_key)
         self._control: AsyncRequester | None = None
         self._directory: AsyncDirectory | None = None
         self._contacted = False
@@ -67,7 +71,8 @@ class AsyncClient:
         """Open the control socket (done implicitly by every method); idempotent."""
         if self._control is None:
             check_reachable(self.endpoint)
-            self._control = AsyncRequester(self._ctx, [self.endpoint], sender=self.name)
+            self._control = AsyncRequester(self._ctx, [self.endpoint], sender=self.name,
+                                           max_size=CONTROL_MAX_MESSAGE_SIZE)
             self._directory = AsyncDirectory(self._ctx, self._control, sender=self.name)
         return self
 
@@ -89,11 +94,12 @@ class AsyncClient:
     async def _events_url(self) -> str:
         if self._events_endpoint is None:
             reply = await self._request(messages.EventsRequest(since_seq=0, pattern=NO_MATCH_PATTERN, limit=1))
-            self._events_endpoint = reply.endpoint
+            self._events_endpoint = events_address(reply.endpoint, self.endpoint)
         return self._events_endpoint
 
     async def _subscribe(self, patterns: Sequence[str], on_event: Callable[[wire.Envelope], None]) -> AsyncSubscriber:
-        subscriber = AsyncSubscriber(self._ctx, await self._events_url(), list(patterns) or ["*"], on_event)
+        subscriber = AsyncSubscriber(self._ctx, await self._events_url(), list(patterns) or ["*"], on_event,
+                                     max_size=CONTROL_MAX_MESSAGE_SIZE)
         try:
             await subscriber.wait_live(self.timeout)
         except BaseException:
@@ -142,6 +148,30 @@ class AsyncClient:
     async def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
         return reply_body(await self._request(messages.ShutdownRequest()))
+
+    async def add_service(
+        self,
+        name: str,
+        *,
+        entry: str | None = None,
+        command: Sequence[str] | None = None,
+        replicas: int = 1,
+        config: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Add a service at run time (see ``Client.add_service``). ``{name, state}``."""
+        msg = messages.AddServiceRequest(name=name, entry=entry, command=None if command is None else builtins.list(command),
+                                         replicas=replicas, config=config or {}, options=options or {})
+        return reply_body(await self._request(msg, lifecycle_timeout(timeout)))
+
+    async def remove_service(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop every replica of a service and forget it. ``{name}``."""
+        return reply_body(await self._request(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout)))
+
+    async def reload(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Re-read the kernel's configuration file and apply the difference (see ``Client.reload``)."""
+        return reply_body(await self._request(messages.ReloadRequest(), lifecycle_timeout(timeout)))
 
     # -- resources --
 
@@ -238,6 +268,9 @@ class AsyncClient:
         if self._control is not None:
             self._control.close()
         self._control = self._directory = None
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)  # also ends event streams still open on it
+            self._own_ctx = False
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()

@@ -29,10 +29,11 @@ from microkernel.cli_format import (
     service_detail,
     status_table,
 )
-from microkernel import cli_models, cli_store, cli_train
+from microkernel import cli_keys, cli_logs, cli_models, cli_store, cli_train
 from microkernel.cli_resources import leases_text, resources_line, top_table
 from microkernel.cli_types import int_at_least, json_object, positive_float
 from microkernel.client import Client, KernelUnavailable, resolve_endpoint
+from microkernel.security.keys import CLIENT_KEY_ENV, SERVER_KEY_ENV
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "build_parser", "main", "parse_args"]
 
@@ -44,7 +45,8 @@ EXIT_INTERRUPTED = 130
 
 # Global options may come before or after the subcommand; SUPPRESS keeps a later (sub-parser)
 # pass from overwriting a value given earlier, and these defaults fill in what nobody gave.
-_GLOBAL_DEFAULTS: dict[str, Any] = {"endpoint": None, "runtime_dir": None, "timeout": None, "json": False}
+_GLOBAL_DEFAULTS: dict[str, Any] = {"endpoint": None, "runtime_dir": None, "timeout": None, "json": False,
+                                     "client_key": None, "server_key": None}
 
 _CALL_EPILOG = """\
 The result is printed as JSON. numpy arrays become (nested) lists. Binary data (bytes,
@@ -63,9 +65,13 @@ def _global_options() -> argparse.ArgumentParser:
     group.add_argument("--runtime-dir", default=argparse.SUPPRESS, metavar="DIR",
                        help="the kernel's runtime directory (its control socket is DIR/control.sock)")
     group.add_argument("--timeout", type=positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
-                       help="request timeout (default 10 s; 120 s for start/stop/restart/scale)")
+                       help="request timeout (default 10 s; 120 s for start/stop/restart/scale/reload)")
     group.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                        help="machine-readable output: one JSON document (events: one JSON object per line)")
+    group.add_argument("--client-key", default=argparse.SUPPRESS, metavar="FILE",
+                       help=f"tcp + CURVE: this client's secret key file NAME.key_secret (default: ${CLIENT_KEY_ENV})")
+    group.add_argument("--server-key", default=argparse.SUPPRESS, metavar="FILE",
+                       help=f"tcp + CURVE: the kernel's public key file (default: ${SERVER_KEY_ENV})")
     return common
 
 
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     for extension in _EXTENSIONS:  # the built-in services' commands (store, models, infer, train)
         COMMANDS.update(extension.register(command))
     command("ping", "check that the kernel answers")
+    command("reload", "re-read the kernel's configuration file and apply the difference "
+                      "(start new, stop removed, restart changed, scale changed replicas)")
     command("shutdown", "stop every service and the kernel")
     return parser
 
@@ -239,13 +247,22 @@ def _cmd_ping(client: Client, args: argparse.Namespace) -> int:
     return _emit(args, {**reply, "rtt_ms": rtt * 1000}, ping_line(reply, rtt))
 
 
+def _cmd_reload(client: Client, args: argparse.Namespace) -> int:
+    reply = client.reload(timeout=args.timeout)
+    done = [f"{what} {', '.join(reply.get(what) or [])}" for what in ("started", "stopped", "restarted", "scaled", "updated")
+            if reply.get(what)]
+    lines = [f"reloaded {reply.get('source', '')}: " + "; ".join([*done, f"{reply.get('unchanged', 0)} unchanged"])]
+    lines += [f"warning: {text}" for text in reply.get("warnings") or []]
+    return _emit(args, reply, "\n".join(lines))
+
+
 def _cmd_shutdown(client: Client, args: argparse.Namespace) -> int:
     reply = client.shutdown()
     return _emit(args, reply, f"microkerneld is shutting down ({reply.get('services', 0)} services to stop)")
 
 
 # Modules adding commands for the built-in services; each has ``register(command) -> {name: handler}``.
-_EXTENSIONS = (cli_store, cli_models, cli_train)
+_EXTENSIONS = (cli_store, cli_models, cli_train, cli_logs, cli_keys)
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "status": _cmd_status,
@@ -260,6 +277,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "top": _cmd_top,
     "leases": _cmd_leases,
     "ping": _cmd_ping,
+    "reload": _cmd_reload,
     "shutdown": _cmd_shutdown,
 }
 
@@ -291,7 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     client: Client | None = None
     try:
         endpoint = resolve_endpoint(args.endpoint, args.runtime_dir)
-        client = Client(endpoint, timeout=args.timeout or 10.0, name="mkctl")
+        if args.command in cli_keys.OFFLINE:  # keygen needs no kernel
+            return cli_keys.OFFLINE[args.command](args)
+        client = Client(endpoint, timeout=args.timeout or 10.0, name="mkctl", client_key=args.client_key,
+                        server_key=args.server_key)
         return COMMANDS[args.command](client, args)
     except KernelUnavailable as exc:
         return _unavailable(exc)
@@ -300,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         # Following events (or top) is ended by Ctrl-C on purpose; anything else was interrupted.
-        return EXIT_OK if args.command in ("events", "top") else EXIT_INTERRUPTED
+        return EXIT_OK if args.command in ("events", "top", "logs") else EXIT_INTERRUPTED
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_OK

@@ -34,8 +34,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import zmq
-
 from protocols import messages, wire
 from protocols.directory import SyncDirectory
 from protocols.errors import CallTimeout, RemoteError
@@ -44,6 +42,7 @@ from protocols.transport import SyncRequester
 
 from microkernel.async_client import AsyncClient
 from microkernel.client_base import (
+    CONTROL_MAX_MESSAGE_SIZE,
     DEFAULT_TIMEOUT,
     READINESS_PATTERNS,
     KernelUnavailable,
@@ -51,6 +50,7 @@ from microkernel.client_base import (
     check_reachable,
     describe_progress,
     event_service,
+    events_address,
     failed_error,
     lease_acquire,
     lifecycle_timeout,
@@ -61,6 +61,7 @@ from microkernel.client_base import (
     service_entry,
     top_rows,
 )
+from microkernel.security.keys import client_context
 from microkernel.client_events import NO_MATCH_PATTERN, AsyncEventStream, EventStream, HistoryReplay
 
 __all__ = [
@@ -86,13 +87,16 @@ class Client:
         name: str = "client",
         *,
         runtime_dir: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.endpoint = resolve_endpoint(endpoint, runtime_dir)
         self.timeout = timeout
         self.name = name
         check_reachable(self.endpoint)
-        self._ctx = zmq.Context.instance()
-        self._control = SyncRequester(self._ctx, [self.endpoint], sender=name)
+        # tcp + keys (arguments, else $MICROKERNEL_CLIENT_KEY / $MICROKERNEL_SERVER_KEY): CURVE sockets.
+        self._ctx, self._own_ctx = client_context(self.endpoint, client_key, server_key)
+        self._control = SyncRequester(self._ctx, [self.endpoint], sender=name, max_size=CONTROL_MAX_MESSAGE_SIZE)
         self._directory = SyncDirectory(self._ctx, self._control, sender=name)
         self._contacted = False  # has the kernel ever answered? (tells "down" from "slow")
         self._events_endpoint: str | None = None
@@ -116,11 +120,12 @@ class Client:
     def _events_url(self) -> str:
         if self._events_endpoint is None:
             reply = self._request(messages.EventsRequest(since_seq=0, pattern=NO_MATCH_PATTERN, limit=1))
-            self._events_endpoint = reply.endpoint
+            self._events_endpoint = events_address(reply.endpoint, self.endpoint)
         return self._events_endpoint
 
     def _subscribe(self, patterns: Sequence[str]) -> SyncSubscriber:
-        return SyncSubscriber(self._ctx, self._events_url(), list(patterns) or ["*"], timeout=self.timeout)
+        return SyncSubscriber(self._ctx, self._events_url(), list(patterns) or ["*"], timeout=self.timeout,
+                              max_size=CONTROL_MAX_MESSAGE_SIZE)
 
     def _service_status(self, name: str) -> dict[str, Any]:
         return service_entry(self._request(messages.StatusRequest(service=name)), name)
@@ -163,6 +168,55 @@ class Client:
     def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
         return reply_body(self._request(messages.ShutdownRequest()))
+
+    def add_service(
+        self,
+        name: str,
+        *,
+        entry: str | None = None,
+        command: Sequence[str] | None = None,
+        replicas: int = 1,
+        config: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Add a service at run time (and start it unless ``options["autostart"]`` is false). ``{name, state}``.
+
+        A ``command``, an entry that is neither configured nor a ``microkernel.services`` entry point,
+        or ``options`` ``python``/``env``/``cwd`` need the ``admin`` role (else ``forbidden``).
+        """
+        msg = messages.AddServiceRequest(name=name, entry=entry, command=None if command is None else builtins.list(command),
+                                         replicas=replicas, config=config or {}, options=options or {})
+        return reply_body(self._request(msg, lifecycle_timeout(timeout)))
+
+    def remove_service(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop every replica of a service and forget it. ``{name}``."""
+        return reply_body(self._request(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout)))
+
+    def reload(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Re-read the kernel's configuration file and apply the difference.
+
+        ``{source, started, stopped, restarted, scaled, updated, unchanged, warnings}``; an invalid
+        file raises ``RemoteError`` with code ``invalid_config`` and nothing changes.
+        """
+        return reply_body(self._request(messages.ReloadRequest(), lifecycle_timeout(timeout)))
+
+    def logs(
+        self,
+        service: str,
+        lines: int = 100,
+        *,
+        replica: int | None = None,
+        cursor: dict[str, int] | None = None,
+        wait_s: float = 0.0,
+    ) -> dict[str, Any]:
+        """A service's captured stdout/stderr: ``{service, lines, cursor, path}``.
+
+        Without ``cursor`` the last ``lines`` records; with the ``cursor`` of a previous reply the
+        records written since, the kernel waiting up to ``wait_s`` seconds for some (following).
+        """
+        request = messages.LogsRequest(service=service, lines=lines, replica=replica, cursor=cursor, wait_s=wait_s)
+        return reply_body(self._request(request, self.timeout + wait_s))
 
     # -- resources --
 
@@ -268,6 +322,9 @@ class Client:
         """Close every socket of this client."""
         self._directory.close()
         self._control.close()
+        if self._own_ctx:
+            self._ctx.destroy(linger=0)  # also ends event streams still open on it
+            self._own_ctx = False
 
     def __enter__(self) -> Client:
         return self

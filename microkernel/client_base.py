@@ -19,6 +19,7 @@ from microkernel.units import UnitError, parse_size
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "CONTROL_MAX_MESSAGE_SIZE",
     "READINESS_PATTERNS",
     "WAIT_TIMEOUT",
     "KernelUnavailable",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 10.0
+# The largest message a client accepts from the kernel (control replies, events): the kernel's own
+# default limit. ZeroMQ refuses a frame of 4x this (transport.frame_size_limit) before buffering it.
+CONTROL_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 # start/restart/scale with wait=True and stop are answered only once replicas are ready (model
 # loads take minutes) or gone (stop grace then SIGKILL): a short request timeout would misfire.
 WAIT_TIMEOUT = 120.0
@@ -120,7 +124,27 @@ def check_reachable(endpoint: str) -> None:
 
 def no_reply(endpoint: str, timeout: float) -> KernelUnavailable:
     """The error for a kernel that never answered (tcp endpoints, or a wedged daemon)."""
+    if endpoint.startswith("tcp://"):
+        # A kernel's CURVE authenticator refuses unknown keys silently: all the client sees is no reply.
+        return KernelUnavailable(endpoint, f"no reply from microkerneld at {endpoint} within {timeout:g}s; is it running, "
+                                           "and if the kernel uses CURVE, is your key authorized (and are "
+                                           "--client-key/--server-key or $MICROKERNEL_CLIENT_KEY/$MICROKERNEL_SERVER_KEY set)?")
     return KernelUnavailable(endpoint, f"no reply from microkerneld at {endpoint} within {timeout:g}s (is it running?)")
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "*", "[::]", "::")
+
+
+def events_address(events: str, control: str) -> str:
+    """Where to subscribe: the kernel's event endpoint, with a wildcard tcp host (``tcp://0.0.0.0:…``,
+    what a kernel binds to listen everywhere) replaced by the host the control endpoint reached."""
+    if not (events.startswith("tcp://") and control.startswith("tcp://")):
+        return events
+    host, _, port = events[len("tcp://"):].rpartition(":")
+    if host not in _WILDCARD_HOSTS:
+        return events
+    control_host = control[len("tcp://"):].rpartition(":")[0]
+    return f"tcp://{control_host}:{port}"
 
 
 def service_entry(reply: messages.StatusReply, name: str) -> dict[str, Any]:

@@ -26,6 +26,9 @@ from microkernel.config_resources import (
     parse_memory_pressure,
     parse_service_resources,
 )
+from microkernel.config_observability import LogSettings, MetricsSettings, parse_logs, parse_metrics
+from microkernel.limits import LimitSettings, parse_limits
+from microkernel.security.settings import SecuritySettings, parse_security
 from microkernel.resources.gpu import GpuSettings
 from microkernel.supervisor.distributed import BACKENDS, DistributedSpec
 from microkernel.supervisor.policy import DependencyCycle
@@ -52,6 +55,7 @@ __all__ = [
 ]
 
 LOG_LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final[tuple[str, ...]] = ("text", "json")
 
 SERVICE_NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 """Service and group names (use ``fullmatch``): they end up in file names and event topics."""
@@ -60,11 +64,12 @@ _NAME_RULE = "use 1-63 lowercase letters, digits, '_' or '-', starting with a le
 _ENTRY_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _ENTRY_POINT_RE = re.compile(r"[A-Za-z0-9_.-]+")
 
-_TOP_KEYS = ("kernel", "services", "groups", "gpu")
+_TOP_KEYS = ("kernel", "services", "groups", "gpu", "logs", "metrics", "limits", "security")
 _KERNEL_KEYS = (
     "runtime_dir", "heartbeat_interval", "heartbeat_liveness", "max_message_size",
     "event_history", "shutdown_timeout", "log_level", "thread_pool_size", "start_concurrency",
     "memory_pool", "memory_pressure", "memory_sample_interval", "standby",
+    "log_format", "log_file",
 )  # fmt: skip
 _SERVICE_KEYS = (
     "entry", "command", "replicas", "restart", "depends_on", "start_timeout", "stop_timeout",
@@ -103,6 +108,10 @@ class KernelSettings:
     """Seconds between two samples of every replica's process tree; 0 disables sampling."""
     standby: bool = True
     """Keep one service runner pre-started (interpreter up, SDK imported) for the next replica."""
+    log_format: str = "text"
+    """The daemon's own log lines: ``"text"`` or ``"json"`` (one object per line)."""
+    log_file: str = ""
+    """The daemon's own log file; empty means stderr (the journal under systemd). SIGUSR1 reopens it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +122,10 @@ class KernelConfig:
     services: dict[str, ServiceSpec] = field(default_factory=dict)
     groups: dict[str, GroupSpec] = field(default_factory=dict)
     gpu: GpuSettings = field(default_factory=GpuSettings)
+    logs: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
     source: str = "<string>"
 
     def start_order(self) -> list[str]:
@@ -156,6 +169,10 @@ def parse_config(text: str, *, source: str = "<string>") -> KernelConfig:
     top.check_keys(_TOP_KEYS)
     kernel = _parse_kernel(top.table("kernel"))
     gpu = parse_gpu_settings(top.table("gpu"))
+    logs = parse_logs(top.table("logs"))
+    metrics = parse_metrics(top.table("metrics"))
+    limits = parse_limits(top.table("limits"))
+    security = parse_security(top.table("security"))
     services_table = top.table("services") or _Table(reader, ("services",), {})
     sampling = kernel.memory_sample_interval > 0
     services = {name: _parse_service(services_table, name, sampling=sampling) for name in services_table.data}
@@ -163,7 +180,8 @@ def parse_config(text: str, *, source: str = "<string>") -> KernelConfig:
     groups = {name: _parse_group(groups_table, name, services) for name in groups_table.data}
     _check_dependencies(reader, services)
     services = _assign_groups(reader, services, groups)
-    return KernelConfig(kernel=kernel, services=services, groups=groups, gpu=gpu, source=source)
+    return KernelConfig(kernel=kernel, services=services, groups=groups, gpu=gpu, logs=logs, metrics=metrics,
+                        limits=limits, security=security, source=source)
 
 
 # --- sections --------------------------------------------------------------------------------
@@ -192,7 +210,16 @@ def _parse_kernel(table: _Table | None) -> KernelSettings:
         memory_pressure=parse_memory_pressure(table, defaults.memory_pressure),
         memory_sample_interval=table.duration("memory_sample_interval", defaults.memory_sample_interval),
         standby=table.boolean("standby", defaults.standby),
+        log_format=_parse_log_format(table, defaults.log_format),
+        log_file=table.string("log_file", defaults.log_file),
     )
+
+
+def _parse_log_format(table: _Table, default: str) -> str:
+    value = table.string("log_format", default).lower()
+    if value not in LOG_FORMATS:
+        raise table.error("log_format", f"expected one of {_choices(LOG_FORMATS)}, got {_show(value)}{_suggest(value, LOG_FORMATS)}")
+    return value
 
 
 def _parse_service(services: _Table, name: str, *, sampling: bool = True) -> ServiceSpec:

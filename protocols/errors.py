@@ -18,6 +18,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_TYPE = "unknown_type"  # msg_type is not in the registry
     VERSION_MISMATCH = "version_mismatch"  # protocol major version differs
     INVALID_FIELD = "invalid_field"  # a field is missing or has the wrong type/value
+    INVALID_CONFIG = "invalid_config"  # a reloaded configuration file is invalid; the running one stays
     TOO_LARGE = "too_large"  # the message exceeds the receiver's size limit
     UNKNOWN_SERVICE = "unknown_service"  # no such service in the kernel's configuration
     UNKNOWN_METHOD = "unknown_method"  # the service has no such RPC handler
@@ -26,6 +27,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed before completion
     TIMEOUT = "timeout"  # the caller gave up waiting (client-side)
     OVERLOADED = "overloaded"  # back-pressure: the receiver's queue is full
+    RATE_LIMITED = "rate_limited"  # the sender exceeded its request rate; details.retry_after_ms says when to retry
     FORBIDDEN = "forbidden"  # the sender is not allowed to do this
     HANDLER_ERROR = "handler_error"  # the service's handler raised
     UNAVAILABLE = "unavailable"  # the kernel or service could not be reached

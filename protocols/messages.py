@@ -206,6 +206,77 @@ class ShutdownReply:
     services: int
 
 
+@message("reload_request")
+@_frozen
+class ReloadRequest:
+    """Re-read the kernel's configuration file and apply the difference to the running services."""
+
+
+@message("reload_reply")
+@_frozen
+class ReloadReply:
+    """What the reload did: services started, stopped, restarted and scaled, by name.
+
+    ``updated`` lists services whose new spec was recorded without starting them (not running, or
+    ``autostart = false``); ``warnings`` says what was not applied (kernel settings that need a
+    restart of the daemon, a new service whose memory budget does not fit).
+    """
+
+    source: str
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    scaled: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@message("add_service_request")
+@_frozen
+class AddServiceRequest:
+    """Add (and, unless ``options.autostart`` is false, start) a service that is not configured yet.
+
+    Exactly one of ``entry`` and ``command``. ``options`` holds any other service key of the
+    configuration file (``restart``, ``depends_on``, ``memory`` …), validated the same way. An
+    ``operator`` may add an entry already configured for a service or one of the
+    ``microkernel.services`` entry points; a ``command``, another ``module:Class``, or the keys
+    ``python``, ``env``, ``cwd`` need ``admin``.
+    """
+
+    name: str
+    entry: str | None = None
+    command: list[str] | None = None
+    replicas: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@message("add_service_reply")
+@_frozen
+class AddServiceReply:
+    """The added service and its state (``starting`` once its replicas were launched, else ``stopped``)."""
+
+    name: str
+    state: str
+
+
+@message("remove_service_request")
+@_frozen
+class RemoveServiceRequest:
+    """Stop every replica of a service and forget it (until the next reload re-adds a configured one)."""
+
+    name: str
+
+
+@message("remove_service_reply")
+@_frozen
+class RemoveServiceReply:
+    """The service is gone."""
+
+    name: str
+
+
 # --- control plane: resources (clients and services -> kernel) -----------------------------------
 
 
@@ -270,6 +341,38 @@ class LeasesReply:
     holders: dict[str, Any]
     waiters: list[dict[str, Any]]
     skipped: dict[str, Any] = field(default_factory=dict)
+
+
+# --- control plane: service logs ----------------------------------------------------------------
+
+
+@message("logs_request")
+@_frozen
+class LogsRequest:
+    """Records of a service's captured stdout/stderr (``mkctl logs``).
+
+    Without ``cursor``: the last ``lines`` records. With the ``cursor`` of a previous reply: the
+    records appended since (following); when there are none yet the kernel holds the request up
+    to ``wait_s`` seconds (capped, and bounded by the request's deadline) and answers as soon as
+    new records are written. ``replica`` keeps only that replica's records.
+    """
+
+    service: str
+    lines: int = 100
+    replica: int | None = None
+    cursor: dict[str, int] | None = None
+    wait_s: float = 0.0
+
+
+@message("logs_reply")
+@_frozen
+class LogsReply:
+    """Records, oldest first, each ``<time> <replica> <out|err> <text>``, and where to continue."""
+
+    service: str
+    lines: list[str]
+    cursor: dict[str, int]
+    path: str = ""
 
 
 # --- control plane: services -> kernel ---------------------------------------------------------
@@ -368,6 +471,19 @@ class KernelStopping:
 
     seq: int = 0
     reason: str
+
+
+@message("kernel.reloaded")
+@_frozen
+class KernelReloaded:
+    """A configuration reload was applied (the names of the services it touched)."""
+
+    seq: int = 0
+    source: str
+    started: list[str]
+    stopped: list[str]
+    restarted: list[str]
+    scaled: list[str]
 
 
 @message("service.starting")

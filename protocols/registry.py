@@ -8,6 +8,7 @@ without reflection on the hot path.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -74,8 +75,15 @@ def _schema(cls: type) -> tuple[tuple[str, Checker, Any], ...]:
     return schema
 
 
+# Shows an offending value in an error: bounded in depth and size, as inbound values may be
+# nested a thousand levels deep (a plain repr would raise RecursionError) or megabytes long.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel = 3
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 60
+
+
 def _fail(path: str, expected: str, value: Any) -> ProtocolError:
-    shown = repr(value)
+    shown = _SHOW.repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
     return ProtocolError(ErrorCode.INVALID_FIELD, f"field {path!r}: expected {expected}, got {shown}")

@@ -25,7 +25,7 @@ import zmq
 
 from protocols import wire
 from protocols.errors import CallTimeout, ProtocolError
-from protocols.transport import NOBLOCK, AsyncSocket, recv_message
+from protocols.transport import NOBLOCK, AsyncSocket, frame_size_limit, recv_message
 
 log = logging.getLogger("microkernel.subscription")
 
@@ -75,6 +75,13 @@ def _new_token() -> str:
     return os.urandom(8).hex()
 
 
+def _limit_size(sock: zmq.Socket, max_size: int | None) -> None:
+    """Cap inbound frames (ZMQ_MAXMSGSIZE) so an absurd event is refused before it is buffered;
+    events over ``max_size`` but under the cap are dropped by ``wire.decode``."""
+    if max_size is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_size_limit(max_size))
+
+
 def _subscribe(sock: zmq.Socket, patterns: Sequence[str], token: str) -> None:
     for prefix in sorted({topic_prefix(p) for p in patterns}):
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
@@ -102,6 +109,7 @@ class AsyncSubscriber:
         self._live = asyncio.get_running_loop().create_future()
         sock = ctx.socket(zmq.SUB)
         sock.linger = 0
+        _limit_size(sock, max_size)
         _subscribe(sock, self.patterns, self._token)
         sock.connect(endpoint)
         self.endpoint = endpoint
@@ -152,6 +160,7 @@ class SyncSubscriber:
         self._welcome_topic = WELCOME_PREFIX + token
         self.sock = ctx.socket(zmq.SUB)
         self.sock.linger = 0
+        _limit_size(self.sock, max_size)
         _subscribe(self.sock, self.patterns, token)
         self.sock.connect(endpoint)
         self._backlog: list[wire.Envelope] = []

@@ -86,6 +86,15 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> Non
     _send(sock, frames[last], flags, copy)
 
 
+def frame_size_limit(max_size: int) -> int:
+    """The ZMQ_MAXMSGSIZE of a request/reply socket whose protocol limit is ``max_size`` (spec §3.3).
+
+    4x the limit (at least 1 MiB): a moderately oversized message still reaches the protocol check
+    and gets its ``too_large`` reply, while one absurd frame disconnects the peer before it is buffered.
+    """
+    return max(4 * max_size, 1 << 20)
+
+
 def same_host(endpoints: Sequence[str]) -> bool:
     """Whether every endpoint is reachable only from this host (ipc/inproc): shared memory may be used."""
     return bool(endpoints) and all(ep.startswith(("ipc://", "inproc://")) for ep in endpoints)
@@ -279,6 +288,8 @@ class AsyncRequester:
     ) -> None:
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
+        if max_size is not None:
+            sock.setsockopt(zmq.MAXMSGSIZE, frame_size_limit(max_size))
         if identity is not None:
             sock.identity = identity
         if immediate:
@@ -394,6 +405,8 @@ class SyncRequester:
     ) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        if max_size is not None:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, frame_size_limit(max_size))
         self._timeouts: dict[int, int] = {}
         if immediate:
             self.sock.immediate = 1

@@ -33,7 +33,7 @@ from protocols.errors import ErrorCode, ProtocolError
 from protocols.registry import body_getter, build, builder_of, class_for, type_of
 
 MAGIC = b"MK1"
-PROTOCOL_VERSION = (1, 2)
+PROTOCOL_VERSION = (1, 3)
 INLINE_BYTES_LIMIT = 64 * 1024
 EXT_BUFFER = 1
 EXT_NDARRAY = 2

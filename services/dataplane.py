@@ -30,7 +30,7 @@ import zmq
 from protocols import handover, messages, shm, wire
 from protocols.endpoints import ipc_path
 from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
-from protocols.transport import AsyncSocket
+from protocols.transport import AsyncSocket, frame_size_limit
 from services.handlers import RpcHandler, portable
 
 # How long closing the socket may take to flush the last replies.
@@ -87,6 +87,8 @@ class DataPlane:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         sock = ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        if max_size is not None:  # an absurd frame disconnects its caller before it is buffered (spec §3.3)
+            sock.setsockopt(zmq.MAXMSGSIZE, frame_size_limit(max_size))
         try:
             sock.bind(endpoint)
         except zmq.ZMQError:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocols.credentials import TOKEN_ENV
+
 LEASE_ENV = "MK_GPU_LEASE"
 FRACTION_ENV = "MK_GPU_MEMORY_FRACTION"
 CPU_THREADS_ENV = "MK_CPU_THREADS"
@@ -58,6 +60,8 @@ class ReplicaEnvironment:
     heartbeat_board: str | None = None
     """Path of the kernel's heartbeat board (same-host liveness without messages), if any."""
     heartbeat_slot: int | None = None
+    control_token: str = ""
+    """The kernel's secret for this replica (``MK_CONTROL_TOKEN``), sent with its control requests."""
 
     @property
     def identity(self) -> str:
@@ -134,6 +138,7 @@ class ReplicaEnvironment:
             log_level=environ.get("MK_LOG_LEVEL") or "INFO",
             heartbeat_board=environ.get("MK_HEARTBEAT_BOARD") or None,
             heartbeat_slot=heartbeat_slot,
+            control_token=environ.get(TOKEN_ENV, ""),
         )
 
 

@@ -33,6 +33,7 @@ import zmq
 
 from protocols import messages
 from protocols.board import BoardError, HeartbeatBoard
+from protocols.credentials import with_token
 from protocols.directory import AsyncDirectory
 from protocols.errors import MicrokernelError
 from protocols.transport import AsyncRequester
@@ -150,7 +151,9 @@ class ReplicaRuntime:
         ctx = zmq.Context()
         heartbeat: asyncio.Task[None] | None = None
         try:
-            control = AsyncRequester(ctx, [self.env.control_endpoint], sender=self.sender,
+            # The control sender carries the kernel's token for this replica (protocols/credentials.py).
+            control = AsyncRequester(ctx, [self.env.control_endpoint],
+                                     sender=with_token(self.sender, self.env.control_token),
                                      identity=self.sender.encode(), max_size=self.env.max_message_size)
             control.on_unsolicited = self._on_unsolicited
             self._control = control

@@ -19,6 +19,8 @@ import zmq
 from protocols import wire
 from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
 from protocols.transport import AsyncSocket
+from microkernel.bus.limits import ControlLimiter
+from microkernel.limits import LimitSettings
 
 log = logging.getLogger("microkernel.control")
 
@@ -35,8 +37,11 @@ class ControlRouter:
         kernel: Any,
         max_size: int,
         sender: str = "kernel",
+        limits: LimitSettings | None = None,
+        guard: Any = None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.guard = guard  # microkernel.security.guard.Guard: who may send what (None: everyone)
         self.kernel = kernel
         self.max_size = max_size
         self.sender = sender
@@ -49,8 +54,18 @@ class ControlRouter:
         # A hard cap far above the protocol limit: frames beyond it are refused by ZeroMQ itself
         # (the peer is disconnected) so a hostile client cannot make the kernel buffer gigabytes.
         sock.setsockopt(zmq.MAXMSGSIZE, max(max_size * 4, 1 << 20))
+        limits = limits or LimitSettings()
+        # Bounded queues per peer: a client that never reads its replies loses them (drop_when_full)
+        # instead of making the kernel buffer without bound; one that floods waits in its own socket.
+        sock.setsockopt(zmq.SNDHWM, limits.max_queue)
+        sock.setsockopt(zmq.RCVHWM, limits.max_queue)
+        if guard is not None:
+            guard.prepare(sock)  # CURVE server options on a tcp endpoint, before the bind
         sock.bind(endpoint)
-        self.socket = AsyncSocket(sock, self._on_message, drop_when_full=True)
+        socket_class = AsyncSocket if guard is None else guard.socket_class
+        self.socket = socket_class(sock, self._on_message, drop_when_full=True)
+        self.limiter = ControlLimiter(limits, send=self.socket.send, sender=sender, socket=self.socket)
+        self.handlers = self.limiter.guard(self.handlers)
 
     def _reply_error(self, routing: list[bytes], header: wire.Header | None, code: ErrorCode, reason: str) -> None:
         self.errors += 1
@@ -58,6 +73,8 @@ class ControlRouter:
 
     def _on_message(self, frames: list[Any]) -> None:
         self.requests += 1
+        if not self.limiter.admit(frames):  # rate limit per client, before any decoding
+            return
         try:
             # Control requests never carry tensors: a shared-memory reference here is refused, not claimed.
             env = wire.decode(frames, max_size=self.max_size, shm=False)
@@ -65,15 +82,23 @@ class ControlRouter:
             routing = getattr(exc, "routing", None)
             header = getattr(exc, "header", None)
             if routing:
-                log.info("rejecting a control message from %r: %s", routing[0], exc)
+                self.limiter.log_rejection(routing[0], exc)  # throttled: garbage must not flood the log
                 self._reply_error(routing, header, exc.code, exc.reason)
             else:
                 log.warning("dropping an unaddressable control message: %s", exc)
+            return
+        except Exception as exc:  # a decoder bug: still one reply, and the loop keeps serving
+            log.exception("decoding a control message failed")
+            if len(frames) > 1 and isinstance(frames[0], bytes):
+                self._reply_error([frames[0]], None, ErrorCode.INTERNAL, f"the message could not be decoded: {type(exc).__name__}")
             return
         handler = self.handlers.get(type(env.message))
         if handler is None:
             self._reply_error(env.routing, env.header, ErrorCode.UNKNOWN_TYPE,
                               f"{env.msg_type} is not a request the kernel handles")
+            return
+        if self.guard is not None and (denied := self.guard.check(env, self.socket)) is not None:
+            self._reply_error(env.routing, env.header, ErrorCode.FORBIDDEN, denied)
             return
         deadline = env.header.deadline_ns
         if deadline is not None and time.time_ns() > deadline:
@@ -120,6 +145,11 @@ class ControlRouter:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
+
+    @property
+    def inflight(self) -> int:
+        """Requests being handled asynchronously right now (the metrics' queue depth)."""
+        return len(self._tasks)
 
     def close(self) -> None:
         self.socket.close()

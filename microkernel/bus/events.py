@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -32,19 +33,31 @@ from protocols.transport import AsyncSocket
 log = logging.getLogger("microkernel.events")
 
 _WELCOME = WELCOME_PREFIX.encode()
+SUBSCRIPTION_MAX_SIZE = 64 * 1024  # bytes; the ZMQ_MAXMSGSIZE of the subscribe side
 
 
 class EventBus:
     """Owns the XSUB (publish-in) and XPUB (subscribe) sockets and the event history."""
 
-    def __init__(self, ctx: zmq.Context, *, events_in: str, events_out: str, history: int, sender: str = "kernel") -> None:
+    def __init__(self, ctx: zmq.Context, *, events_in: str, events_out: str, history: int, sender: str = "kernel",
+                 max_size: int | None = None, bind_more: Callable[[zmq.Socket], None] | None = None) -> None:
+        """``max_size``: the largest frame a publisher may send (``kernel.max_message_size``); a
+        larger one disconnects that publisher (ZMQ_MAXMSGSIZE), the bus carries on."""
         self.sender = sender
         self.events_out = events_out
         self._seq = 0
+        self.published: collections.Counter[str] = collections.Counter()
+        """Kernel events published, by topic (the metrics endpoint reports them)."""
+        self.observers: list[Callable[[Any], None]] = []
+        """Called with every kernel event as it is emitted (e.g. the metrics' exit counters); must be cheap."""
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(1, history))
         internal = f"inproc://mk-bus-{os.getpid()}-{id(self):x}"
         xsub = ctx.socket(zmq.XSUB)
         xsub.linger = 0
+        if max_size is not None:
+            # Nobody can be answered on a bus: an oversized frame just drops its publisher's
+            # connection (which reconnects) before the proxy buffers it. inproc is not limited.
+            xsub.setsockopt(zmq.MAXMSGSIZE, max_size)
         xsub.bind(events_in)
         xsub.bind(internal)
         # Subscribe upstream to everything once, instead of relying on each subscriber's filters:
@@ -56,7 +69,11 @@ class EventBus:
         xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         # Subscribers that cannot keep up lose events at the HWM instead of stalling the proxy.
         xpub.setsockopt(zmq.SNDHWM, 100_000)
+        # Subscribers only send subscriptions (topic prefixes) here: anything larger is hostile.
+        xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_SIZE)
         xpub.bind(events_out)
+        if bind_more is not None:  # e.g. a CURVE tcp endpoint (microkernel.security.gate.Gate.bind_events)
+            bind_more(xpub)
         control_addr = internal + "-control"
         self._control = ctx.socket(zmq.PAIR)
         self._control.linger = 0
@@ -94,6 +111,12 @@ class EventBus:
         topic = wire.msg_type_of(event)
         self.history.append({"seq": self._seq, "topic": topic, "ts_ns": time.time_ns(), "data": wire.body_of(event)})
         self._send(event, topic)
+        self.published[topic] += 1
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not break whoever emitted the event
+                log.exception("event observer %r failed on %s", observer, topic)
         log.debug("event %s %s", topic, fields)
         return event
 

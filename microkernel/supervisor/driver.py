@@ -24,6 +24,7 @@ from protocols.endpoints import KernelEndpoints, ipc_path
 from microkernel.bus.events import EventBus
 from microkernel.bus.heartbeat import Liveness
 from microkernel.config import KernelConfig
+from microkernel.logs import ServiceLogs
 from microkernel.resources.leases import LeaseError
 from microkernel.resources.manager import Placement, ResourceManager
 from microkernel.sentinel import Sentinel
@@ -70,7 +71,14 @@ class ReplicaDriver:
     shutting_down: bool
     _start_slots: asyncio.Semaphore
     standby: Standby | None
+    logs: ServiceLogs | None = None
+    """Where replica stdout/stderr go; None (tests without a kernel): inherited from the daemon."""
 
+    def attach_logs(self, logs: ServiceLogs) -> None:
+        """Capture every replica's (and the warm standby's) output into ``logs`` from now on."""
+        self.logs = logs
+        if self.standby is not None:
+            self.standby.logs = logs
 
     def _launch(self, rec: ServiceRecord, rep: ReplicaRecord) -> None:
         if rep.task is not None and not rep.task.done():
@@ -272,15 +280,25 @@ class ReplicaDriver:
         # Registered before the spawn is awaited: on a busy loop the child can send ready_request
         # before this coroutine resumes, and it must find its replica.
         self.live[key] = rep
+        output = capture = None
         try:
             argv = argv_for(spec)
             proc = None
             if self.standby is not None:
                 proc = self.standby.take(argv, env, spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
+                if proc is not None and self.logs is not None:
+                    capture = self.logs.assign(proc.pid, rec.name, rep.index)  # its pipes now feed this service's file
             if proc is None:
-                proc = await spawn(argv, env=env, cwd=spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup)
+                output = self.logs.open(rec.name, rep.index) if self.logs is not None else None
+                proc = await spawn(argv, env=env, cwd=spec.cwd, cpus=placement.cpus, cgroup=placement.cgroup,
+                                   stdout=None if output is None else output.stdout,
+                                   stderr=None if output is None else output.stderr)
+                if output is not None and self.logs is not None:
+                    capture, output = self.logs.adopt(proc.pid, output), None
             self._prepare_standby()
         except (SpawnError, OSError, ValueError) as exc:
+            if output is not None:
+                output.close()
             self.live.pop(key, None)
             self.resources.abandon(placement)
             self._release_slot(rep)
@@ -316,6 +334,8 @@ class ReplicaDriver:
                 exit_wait.cancel()
             # Also when it exited on its own: whatever it left behind in its group dies with it.
             await kill_tree(proc, grace=0)
+            if self.logs is not None:
+                self.logs.release(proc.pid, capture)  # the tree is dead: drain its pipes, write a partial last line
             rep.exit_facts = self.resources.exited(key, proc.pid, placement)
             # Before the exit is reported: whoever sees ``service.exited`` finds its segments gone.
             await self.resources.reap_segments(proc.pid)

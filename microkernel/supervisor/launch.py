@@ -13,7 +13,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from protocols.credentials import TOKEN_ENV
 from protocols.endpoints import KernelEndpoints, service_endpoint
+from microkernel.security.tokens import replica_token
 from microkernel.supervisor.spec import ServiceSpec
 
 
@@ -45,6 +47,7 @@ def environment_for(
     (what the kernel decides, such as the GPU lease).
     """
     env = dict(os.environ)
+    _output_unbuffered(env)
     env.update(defaults)
     env.update(spec.env)
     endpoint = service_endpoint(runtime_dir, spec.name, replica, incarnation)
@@ -63,6 +66,8 @@ def environment_for(
             "MK_MAX_MESSAGE_SIZE": str(max_message_size),
             "MK_KERNEL_PID": str(os.getpid()),
             "MK_LOG_LEVEL": log_level,
+            # Lets the kernel tell this replica's control messages from forged ones (security/tokens.py).
+            TOKEN_ENV: replica_token(spec.name, replica, incarnation),
         }
     )
     if spec.entry is not None:
@@ -75,9 +80,17 @@ def environment_for(
 def standby_environment(extra: Mapping[str, str] = ()) -> dict[str, str]:  # type: ignore[assignment]
     """The environment a warm standby starts with: what every entry replica gets at exec time."""
     env = dict(os.environ)
+    _output_unbuffered(env)
     _entries_resolve_from_cwd(env)
     env.update(extra)
     return env
+
+
+def _output_unbuffered(env: dict[str, str]) -> None:
+    # A replica's stdout is a pipe to the kernel's log capture: block-buffered by default, so a
+    # print() would show up in `mkctl logs` only kilobytes later (or be lost with a kill -9).
+    # A service's own `env` may still set it; the warm standby starts with the same value.
+    env.setdefault("PYTHONUNBUFFERED", "1")
 
 
 def _entries_resolve_from_cwd(env: dict[str, str]) -> None:

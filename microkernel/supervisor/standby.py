@@ -24,6 +24,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from microkernel.logs import ServiceLogs
+from microkernel.logs.capture import OutputCapture
 from microkernel.supervisor.process import Child, SpawnError, kill_tree, spawn
 
 log = logging.getLogger("microkernel.standby")
@@ -48,7 +50,12 @@ class Standby:
     gets at exec time: the sentinel marker, the entries' ``PYTHONPATH``). Hooks: ``on_spawned(pid)``
     for every standby process (the kernel registers it with the orphan guard), ``on_ready(pid)``
     once it has finished its imports, ``on_gone(pid)`` when one that was never handed out is gone.
+
+    With ``logs`` set, a standby's stdout/stderr are captured from its start; the supervisor points
+    them at the right service file when it takes the standby (``ServiceLogs.assign``).
     """
+
+    logs: ServiceLogs | None = None
 
     def __init__(self, python: str, *, cwd: str | None = None, pinned_keys: tuple[str, ...] = ()) -> None:
         self.python = python
@@ -63,6 +70,7 @@ class Standby:
         self._retired: set[asyncio.Task[None]] = set()
         self._failures = 0
         self.warm = False
+        self._outputs: dict[int, OutputCapture] = {}  # pid -> its output pipes, until handed out or reaped
 
     @property
     def pid(self) -> int | None:
@@ -88,11 +96,17 @@ class Standby:
         # The runner writes one byte on this pipe once its imports are done (then a take is nearly free).
         ready_r, ready_w = os.pipe()
         env[READY_FD_ENV] = str(ready_w)
+        output = None
         try:
+            output = self.logs.open() if self.logs is not None else None
             proc = await spawn([self.python, "-m", "services.runner", STANDBY_FLAG], env=env, cwd=self.cwd,
-                               stdin=asyncio.subprocess.PIPE, pass_fds=(ready_w,))
+                               stdin=asyncio.subprocess.PIPE, pass_fds=(ready_w,),
+                               stdout=None if output is None else output.stdout,
+                               stderr=None if output is None else output.stderr)
         except (SpawnError, OSError) as exc:
             os.close(ready_r)
+            if output is not None:
+                output.close()
             self._failures += 1
             log.warning("could not start a standby runner (%s); replicas start cold", exc)
             if self._failures >= 3:
@@ -101,6 +115,8 @@ class Standby:
         finally:
             os.close(ready_w)
         del env[READY_FD_ENV]
+        if output is not None and self.logs is not None:
+            self._outputs[proc.pid] = self.logs.adopt(proc.pid, output)
         self._failures = 0
         self._proc, self._env, self.warm = proc, env, False
         self.on_spawned(proc.pid)
@@ -173,6 +189,7 @@ class Standby:
             self.cold += 1
             return None
         self.taken += 1
+        self._outputs.pop(proc.pid, None)  # the supervisor releases it with the replica
         return proc
 
     def _discard(self) -> None:
@@ -187,6 +204,8 @@ class Standby:
 
     async def _reap(self, proc: Child) -> None:
         await kill_tree(proc, grace=0)
+        if self.logs is not None:
+            self.logs.release(proc.pid, self._outputs.pop(proc.pid, None))
         self.on_gone(proc.pid)
 
     async def close(self) -> None:

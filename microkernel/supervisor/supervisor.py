@@ -33,6 +33,7 @@ from microkernel.resources.monitor import Target
 from microkernel.sentinel import MARKER_VAR, Sentinel
 from microkernel.supervisor.backoff import Backoff
 from microkernel.supervisor.driver import GroupState, ReplicaDriver
+from microkernel.supervisor.membership import ServiceMembership
 from microkernel.supervisor.intensity import RestartWindow
 from microkernel.supervisor.launch import standby_environment
 from microkernel.supervisor.process import kill_tree
@@ -47,8 +48,8 @@ S = ReplicaState
 MAX_PROGRESS_EXTENSION_S = 3600.0
 
 
-class Supervisor(ReplicaDriver):
-    """Owns every ServiceRecord and the tasks that drive their replicas."""
+class Supervisor(ReplicaDriver, ServiceMembership):
+    """Owns every ServiceRecord and the tasks that drive their replicas (services may come and go: reload)."""
 
     def __init__(
         self,
