@@ -134,6 +134,9 @@ class AsyncSocket:
         self._draining = False
         self._closed = False
         self.dropped = 0
+        # How one message is read, ``receive(sock, flags) -> frames``: a subclass may read more
+        # than the frames (e.g. the sender's CURVE key from their properties).
+        self.receive: Callable[[zmq.Socket, int], list[Any]] = recv_message
         self.loop.add_reader(self._fd, self._on_ready)
         # Messages may already be queued before the reader was registered.
         self._schedule_check()
@@ -149,13 +152,14 @@ class AsyncSocket:
         # edge-triggered FD) says whether more is queued, much cheaper than a receive that fails
         # with zmq.Again. Once a burst shows, receiving until EAGAIN is cheaper than asking first.
         sock = self.sock
+        receive = self.receive
         self._draining = True
         try:
             for i in range(DRAIN_BATCH):
                 try:
                     if i == 1 and not _get(sock, _EVENTS) & _POLLIN:
                         return
-                    frames = recv_message(sock, NOBLOCK)
+                    frames = receive(sock, NOBLOCK)
                 except zmq.Again:
                     return
                 except zmq.ZMQError as exc:

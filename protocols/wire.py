@@ -362,18 +362,28 @@ _DEADLINE_U64 = _KEY_DEADLINE_NS + b"\xcf"
 _layouts: dict[tuple[str, str, str | None, bool, bool], tuple[Any, bytes, bytes, bytes]] = {}
 
 
-def _layout(key: tuple[str, str, str | None, bool, bool]) -> tuple[Any, bytes, bytes, bytes]:
-    """``(struct pack, head, middle, tail)`` for headers of one kind: the same bytes as the pieces."""
-    msg_type, sender, status, parent, deadline = key
-    middle, tail = _template(msg_type, sender, status)
-    middle += b"\xcf"  # ts_ns is always a uint64
-    head = _MAP[5 + parent + deadline + (status is not None)] + _KEY_MSG_ID + _BIN8[16]
+def _header_struct(middle: bytes, parent: bool, deadline: bool, tail: bytes) -> tuple[struct.Struct, bytes]:
+    """The struct of a canonical header with ids of 16 bytes, and its head (map size to id length).
+
+    Fields: head, msg_id, middle (msg_type up to ts_ns's uint64 marker), ts_ns, then the parent_id
+    key and value, the deadline_ns key and value when present, and the tail (status entry or b"").
+    """
+    head = _MAP[5 + parent + deadline + bool(tail)] + _KEY_MSG_ID + _BIN8[16]
     fmt = f">{len(head)}s16s{len(middle)}sQ"
     if parent:
         fmt += f"{len(_PARENT_BIN16)}s16s"
     if deadline:
         fmt += f"{len(_DEADLINE_U64)}sQ"
-    layout = (struct.Struct(fmt + f"{len(tail)}s").pack, head, middle, tail)
+    return struct.Struct(fmt + f"{len(tail)}s"), head
+
+
+def _layout(key: tuple[str, str, str | None, bool, bool]) -> tuple[Any, bytes, bytes, bytes]:
+    """``(struct pack, head, middle, tail)`` for headers of one kind: the same bytes as the pieces."""
+    msg_type, sender, status, parent, deadline = key
+    middle, tail = _template(msg_type, sender, status)
+    middle += b"\xcf"  # ts_ns is always a uint64
+    layout_struct, head = _header_struct(middle, parent, deadline, tail)
+    layout = (layout_struct.pack, head, middle, tail)
     if len(_layouts) < _TEMPLATE_LIMIT:  # event names are open-ended: bound the cache
         _layouts[key] = layout
     return layout
@@ -671,13 +681,7 @@ _parsers: dict[int, tuple[int, Any, bytes, bytes, str | None]] = {}
 def _learn_layout(n: int, middle: bytes, parent: bool, deadline: bool, status: str | None) -> None:
     """Remember the layout of a valid canonical header of ``n`` bytes with ids of 16 bytes."""
     tail = b"" if status is None else (_STATUS_OK_ENTRY if status == STATUS_OK else _STATUS_ERROR_ENTRY)
-    head = _MAP[5 + parent + deadline + (status is not None)] + _KEY_MSG_ID + _BIN8[16]
-    fmt = f">{len(head)}s16s{len(middle)}sQ"
-    if parent:
-        fmt += f"{len(_PARENT_BIN16)}s16s"
-    if deadline:
-        fmt += f"{len(_DEADLINE_U64)}sQ"
-    layout = struct.Struct(fmt + f"{len(tail)}s")
+    layout, head = _header_struct(middle, parent, deadline, tail)
     if layout.size == n and (n in _parsers or len(_parsers) < _TEMPLATE_LIMIT):
         _parsers[n] = (parent + 2 * deadline, layout.unpack, head, tail, status)
 

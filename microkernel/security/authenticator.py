@@ -19,7 +19,7 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from protocols.transport import DRAIN_BATCH, AsyncSocket
+from protocols.transport import AsyncSocket
 from microkernel.security import audit
 from microkernel.security.keys import load_authorized
 
@@ -127,33 +127,14 @@ class PeerSocket(AsyncSocket):
 
     peer: str = ""
 
-    def _drain(self) -> None:
-        sock = self.sock
-        self._draining = True
-        try:
-            for _ in range(DRAIN_BATCH):
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    return
-                except zmq.ZMQError as exc:
-                    if self._closed or exc.errno == zmq.ENOTSOCK:
-                        return
-                    raise
-                self.peer = _user_id(parts)
-                try:
-                    self.on_message([part.bytes for part in parts])
-                except Exception:  # a handler bug must not kill the socket's reader
-                    log.exception("unhandled error while processing a message")
-                finally:
-                    self.peer = ""
-                if self._closed:
-                    return
-                if self._outbox:
-                    self._flush()
-        finally:
-            self._draining = False
-        self._schedule_check()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receive = self._receive_with_peer
+
+    def _receive_with_peer(self, sock: zmq.Socket, flags: int) -> list[bytes]:
+        parts = sock.recv_multipart(flags, copy=False)
+        self.peer = _user_id(parts)
+        return [part.bytes for part in parts]
 
 
 def _user_id(parts: list[zmq.Frame]) -> str:

@@ -67,7 +67,8 @@ def _collect_output(stream: IO[bytes], lines: list[str], ready: threading.Event)
     ready.set()  # EOF: the daemon is gone; the waiter checks proc.poll()
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL of the daemon's process group after a ceiling."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -108,7 +109,7 @@ def start_kernel(config_text: str, workdir: str | os.PathLike[str], *, extra_arg
             pytest.fail(f"microkerneld exited with code {proc.returncode} before it was ready (output below)", pytrace=False)
         yield KernelHandle(runtime_dir, proc)
     finally:
-        _terminate(proc)
+        terminate(proc)
         reader.join(timeout=STOP_CEILING)
         sys.stderr.write(f"--- microkerneld output (exit code {proc.returncode}) ---\n" + "".join(output))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.integration.conftest import REPO_ROOT, kernel_env
+from tests.integration.conftest import REPO_ROOT, kernel_env, terminate
 
 CEILING = 30.0  # seconds; every wait returns as soon as its datagram arrives
 
@@ -74,19 +73,6 @@ class Daemon(NamedTuple):
     config: Path | None
     notify: NotifyListener
     output: Path
-
-
-def terminate(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL of the daemon's process group after a ceiling."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=CEILING)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=CEILING)
 
 
 @contextlib.contextmanager
