@@ -1,0 +1,572 @@
+"""microkernel side by side with circus and supervisord: restarts, control, idle cost, memory limits.
+
+Usage::
+
+    .venv/bin/python bench/peers.py             # full run (~7 minutes)
+    .venv/bin/python bench/peers.py --quick     # smoke run (< 60 s on a quiet host; fewer samples, 10 idle workers)
+
+Prints exactly one JSON line on stdout (progress on stderr). circus and supervisord are benchmark
+peers only: they run from their own virtualenv (``$MK_PEERS_VENV``, else ``.peers-venv/``), created
+on first use with ``pip install circus supervisor``; when that fails their keys are null and
+``peers_error`` says why, and our figures are still reported.
+
+Every supervisor runs the same trivial worker (``bench/peers_workers/worker.py``: announce, then
+``signal.pause()``); ours runs its SDK equivalent (``bench/peers_workers/services.py``:
+``NotifyPong`` is ``bench.services:Pong`` plus the same announcement). A worker announces itself
+with a datagram ``up TAG PID T_NS`` to a unix socket of the benchmark (``T_NS`` from the host's
+monotonic clock), so "running again" is one signal for everyone, seen without polling anyone.
+
+Peer configurations (``<peer>`` in the keys):
+
+* ``circus`` — circusd with its default ``check_delay`` (5 s in an ini file), one watcher per worker;
+* ``circus_tuned`` — ``check_delay = 0.1``;
+* ``supervisord`` — ``startsecs = 0`` (RUNNING as soon as spawned), one ``[program:x]`` per worker;
+* ``supervisord_default`` — supervisord's default ``startsecs = 1``;
+* ``ours`` — ``microkerneld`` with ``backoff = { initial = "0s" }`` as in ``bench/rpc.py``.
+
+What is measured, in this order, all in one run on one machine:
+
+* ``<peer>_restart_ms_p50/_p90``: ``kill -9`` of worker 0 of 5 → its replacement's ``up``
+  datagram. Ours: → the replacement's ``service.ready`` event (received by a subscriber), which
+  comes after its ``up`` (``ours_restart_up_ms_*``). Kills go round-robin over the five daemons
+  (all running at once), so background load hits every configuration alike. A peer's kill comes
+  after a random pause of up to the period of the timer that notices exits there (circus's
+  ``check_delay``, supervisord's 1 s poll), so kills land at random phases of it, not at one phase
+  fixed by the round-robin. Before each kill ours waits for its warm standby to be warm (as
+  ``bench/rpc.py``) and ``supervisord_default`` for RUNNING (its 1 s STARTING would otherwise turn
+  the kill into a failed start).
+* ``<peer>_control_us_p50/_p99``: circus ``status`` on its ZeroMQ control endpoint (the JSON
+  ``circusctl`` sends, from a plain pyzmq DEALER), supervisord ``supervisor.getAllProcessInfo``
+  over XML-RPC on its unix socket (``xmlrpc.client``), ours ``Client.status()``; 5 workers each,
+  interleaved rounds. ``raw_zmq_control_us_*``: the floor, a raw pyzmq DEALER → ROUTER echo
+  (``bench/raw.py serve-sync``) in the same rounds.
+* ``<peer>_memlimit_restart_ms_p50``: a worker told (``SIGUSR1``) to allocate until its RSS passes
+  128 MiB → its replacement's ``up`` (ours: and ``service.ready``). circus: its
+  ``resource_watcher`` plugin, ``max_mem = 128M``, CPU/health checks off, ``loop_rate = 0.1``
+  with ``check_delay = 0.1`` (``circus_tuned``); with the plugin's default ``loop_rate`` (60 s,
+  ``max_count`` 3) only with ``--slow-memlimit`` (one sample takes ~4 minutes). Ours: ``memory =
+  "128MiB"`` with the default ``memory_sample_interval`` (250 ms; ``ours_``) and 100 ms
+  (``ours_tuned_memlimit_*``). supervisord has no memory limit (superlance's memmon is a separate
+  plugin): null.
+* ``<peer>_idle<N>_cpu_pct/_rss_mib``: one daemon at a time supervising N idle workers (200; 10
+  with ``--quick``), after all are up and a short settle: the daemon process's own CPU (psutil
+  ``cpu_times`` delta / wall, children excluded) over 30 s (3 s quick), and its RSS. Ours as in
+  ``bench/scale.py`` (``bench.services:Idle`` services, the kernel process only).
+
+``restart_vs_best_peer`` = ours restart p50 / the fastest peer configuration's restart p50;
+``control_vs_best_peer`` likewise for the control p50. Bar: both <= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import psutil
+import zmq
+
+from bench import raw
+from bench.harness import Daemon, Helper, emit, exit_cleanly_on_sigterm, log, percentile, short_tmp
+from bench.peers_workers.drivers import Circus, PeerDaemon, PeersVenv, Supervisord, WorkerSpec, ensure_peers_venv
+from bench.peers_workers.notify import Listener
+from bench.rpc import RESTART_POLICY, wait_standby_warm
+
+MIB = 1024 * 1024
+WORKERS = 5  # per daemon in the restart and control phases
+MEM_LIMIT = 128 * MIB
+PEER_LABELS = ("circus", "circus_tuned", "supervisord", "supervisord_default")
+# The period of the timer that decides when each peer notices an exit: circus reaps and respawns
+# in its check_delay callback (5 s is the ini default); supervisord respawns on the loop turn after
+# the reap, and its loop waits up to 1 s in poll().
+TIMER_PERIOD_S = {"circus": 5.0, "circus_tuned": 0.1, "supervisord": 1.0, "supervisord_default": 1.0}
+
+
+class Plan:
+    """How many samples of everything: full or ``--quick``."""
+
+    def __init__(self, quick: bool, slow_memlimit: bool) -> None:
+        self.quick = quick
+        self.slow_memlimit = slow_memlimit
+        self.restarts = 2 if quick else 20
+        self.control_rounds = 4 if quick else 20
+        self.control_per_round = 50 if quick else 100
+        self.control_warmup = 50 if quick else 200
+        self.memlimit = 2 if quick else 10
+        self.idle_workers = 10 if quick else 200
+        self.idle_seconds = 3.0 if quick else 30.0
+        self.idle_settle = 0.5 if quick else 3.0
+
+
+# --- small pieces --------------------------------------------------------------------------------
+
+
+def ms_between(t0_ns: int, t1_ns: int) -> float:
+    return (t1_ns - t0_ns) / 1e6
+
+
+def stats_ms(samples: list[float]) -> dict[str, float | None]:
+    if not samples:
+        return {"p50": None, "p90": None}
+    return {"p50": round(statistics.median(samples), 1), "p90": round(percentile(samples, 90), 1)}
+
+
+def ours_restart_config(notify: str) -> dict[str, dict[str, Any]]:
+    """Five services like the peers' five workers: the restarted NotifyPong and four Idle."""
+    services: dict[str, dict[str, Any]] = {
+        "pong": {"entry": "bench.peers_workers.services:NotifyPong", **RESTART_POLICY,
+                 "config": {"notify": notify, "tag": "ours.pong"}},
+    }
+    for i in range(1, WORKERS):
+        services[f"idle-{i}"] = {"entry": "bench.services:Idle"}
+    return services
+
+
+def ours_hog_config(notify: str, tag: str) -> dict[str, dict[str, Any]]:
+    return {"hog": {"entry": "bench.peers_workers.services:Hog", "memory": f"{MEM_LIMIT // MIB}MiB", **RESTART_POLICY,
+                    "config": {"notify": notify, "tag": tag, "limit": MEM_LIMIT}}}
+
+
+@contextmanager
+def subscriber(daemon: Daemon, patterns: list[str]) -> Iterator[Any]:
+    from protocols.subscription import SyncSubscriber
+
+    sub = SyncSubscriber(zmq.Context.instance(), daemon.events, patterns, timeout=30.0)
+    try:
+        yield sub
+    finally:
+        sub.close()
+
+
+def wait_ready_event(sub: Any, service: str, old_pid: int, timeout: float = 30.0) -> tuple[int, dict[str, int]]:
+    """Block until ``service.ready`` of ``service`` from a pid other than ``old_pid``.
+
+    Returns the monotonic receipt time and the kernel's publication times (``time.time_ns`` of the
+    event headers) of that ``service.ready`` and of the old pid's ``service.exited``, if seen.
+    """
+    deadline = time.monotonic() + timeout
+    published: dict[str, int] = {}
+    while True:
+        env = sub.next_event(max(0.0, deadline - time.monotonic()))
+        if env is None:
+            raise TimeoutError(f"{service} was not ready again within {timeout:g}s")
+        msg = env.message
+        if env.msg_type == "service.exited" and msg.service == service and msg.pid == old_pid:
+            published["exited"] = env.header.ts_ns
+        elif env.msg_type == "service.ready" and msg.service == service and msg.pid != old_pid:
+            published["ready"] = env.header.ts_ns
+            return time.monotonic_ns(), published
+
+
+class Stage:
+    """What one phase started; all of it is stopped, concurrently, when the phase ends (or fails).
+
+    Concurrent because supervisord's orderly stop takes a second per tick of its loop and ours
+    stops 200 services in order: one after the other, tear-downs would dominate the run.
+    """
+
+    def __init__(self, stack: ExitStack) -> None:
+        self._stops: list[Callable[[], None]] = []
+        stack.callback(self._stop_all)
+
+    def _stop_all(self) -> None:
+        with ThreadPoolExecutor(max(1, len(self._stops))) as pool:
+            futures = [pool.submit(stop) for stop in self._stops]
+        self._stops.clear()
+        for f in futures:
+            f.result()  # re-raise a failed tear-down after every other one ran
+
+    def peer(self, daemon: PeerDaemon) -> PeerDaemon:
+        self._stops.append(daemon.stop)
+        return daemon.start()
+
+    def ours(self, daemon: Daemon) -> Daemon:
+        def stop() -> None:
+            code = daemon.stop(timeout=120.0)
+            if code not in (0, None):
+                log(f"our daemon exited with {code}:\n{daemon.log_tail()}")
+
+        self._stops.append(stop)
+        return daemon.start()
+
+    def ours_many(self, daemons: list[Daemon]) -> list[Daemon]:
+        """Start several of our daemons at once (each start waits for its ready line)."""
+        with ThreadPoolExecutor(len(daemons)) as pool:
+            futures = [pool.submit(self.ours, d) for d in daemons]
+        return [f.result() for f in futures]
+
+
+# --- restarts and control -------------------------------------------------------------------------
+
+
+def make_peer(label: str, venv: PeersVenv, root: str, notify: Listener, workers: list[WorkerSpec]) -> PeerDaemon:
+    """The daemon of one peer configuration (``PEER_LABELS``), in ``root/<label>``."""
+    where = os.path.join(root, label)
+    if label == "circus":
+        return Circus(label, where, venv, notify.path, workers)
+    if label == "circus_tuned":
+        return Circus(label, where, venv, notify.path, workers, check_delay=0.1)
+    if label == "supervisord":
+        return Supervisord(label, where, venv, notify.path, workers, startsecs=0)
+    if label == "supervisord_default":
+        return Supervisord(label, where, venv, notify.path, workers, startsecs=None)
+    raise ValueError(f"unknown peer configuration {label!r}")
+
+
+def restart_and_control(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
+    """Phase 1: all five daemons with 5 workers each; restarts round-robin, then control rounds."""
+    from microkernel.client import Client
+
+    with ExitStack() as stack:
+        stage = Stage(stack)
+        peers: dict[str, PeerDaemon] = {}
+        for label in PEER_LABELS if venv is not None else ():
+            assert venv is not None
+            workers = [WorkerSpec(name=f"w{i}", tag=f"{label}.w{i}") for i in range(WORKERS)]
+            peers[label] = stage.peer(make_peer(label, venv, root, notify, workers))
+        ours = stage.ours(Daemon(ours_restart_config(notify.path)))
+        client = Client(ours.control, timeout=30.0, name="bench-peers")
+        stack.callback(client.close)
+        for name in ours_restart_config(notify.path):
+            client.wait_ready(name, timeout=60.0)
+        for label in peers:
+            got = notify.wait_up_count(f"{label}.", WORKERS, 60.0)
+            if got < WORKERS:
+                raise RuntimeError(f"{label}: only {got}/{WORKERS} workers up:\n{peers[label].log_tail()}")
+        log(f"restart/control daemons up: {', '.join([*peers, 'ours'])}")
+        sub = stack.enter_context(subscriber(ours, ["service.ready", "service.exited", "standby.ready"]))
+        out = restarts(plan, peers, client, sub, notify)
+        out.update(control(plan, peers, client, stack, root))
+    return out
+
+
+def restarts(plan: Plan, peers: dict[str, PeerDaemon], client: Any, sub: Any, notify: Listener) -> dict[str, Any]:
+    """``kill -9`` of worker 0, round-robin over the daemons → running again (ours: → ready)."""
+    current = {label: notify.wait("up", f"{label}.w0", 30.0) for label in peers}
+    current["ours"] = notify.wait("up", "ours.pong", 30.0)
+    samples: dict[str, list[float]] = {label: [] for label in current}
+    ours_up: list[float] = []
+    ours_published: dict[str, list[float]] = {"exited": [], "ready": []}
+    rng = random.Random(6)  # the same kill phases in every run
+    for i in range(plan.restarts):
+        for label, old in list(current.items()):
+            if label == "ours":
+                wait_standby_warm(client, sub)
+            else:
+                peer = peers[label]
+                if label == "supervisord_default":
+                    assert isinstance(peer, Supervisord)
+                    peer.wait_running("w0", old.pid, 10.0)  # a kill while STARTING is a failed start
+                # A kill at a random phase of the peer's periodic timer: in a fixed round-robin
+                # the kills would land at one phase of circus's 5 s check_delay and bias it.
+                time.sleep(rng.uniform(0.0, TIMER_PERIOD_S[label]))
+            t0_wall = time.time_ns()  # the kernel stamps its events with time.time_ns
+            t0 = time.monotonic_ns()
+            os.kill(old.pid, signal.SIGKILL)
+            if label == "ours":
+                t_ready, published = wait_ready_event(sub, "pong", old.pid)
+                new = notify.wait("up", "ours.pong", 30.0, not_pid=old.pid)
+                samples[label].append(ms_between(t0, t_ready))
+                ours_up.append(ms_between(t0, new.t_ns))
+                ours_published["ready"].append(ms_between(t0_wall, published["ready"]))
+                if "exited" in published:
+                    ours_published["exited"].append(ms_between(t0_wall, published["exited"]))
+            else:
+                new = notify.wait("up", f"{label}.w0", 30.0, not_pid=old.pid)
+                samples[label].append(ms_between(t0, new.t_ns))
+            current[label] = new
+        log(f"  restart round {i + 1}/{plan.restarts}: "
+            + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()) + f" (ours up {ours_up[-1]:.1f}) ms")
+    out: dict[str, Any] = {}
+    for label, s in samples.items():
+        st = stats_ms(s)
+        out[f"{label}_restart_ms_p50"], out[f"{label}_restart_ms_p90"] = st["p50"], st["p90"]
+    st = stats_ms(ours_up)
+    out["ours_restart_up_ms_p50"], out["ours_restart_up_ms_p90"] = st["p50"], st["p90"]
+    # Where our restart goes: the kernel publishing the exit, then the replacement running its
+    # setup (up), then the kernel publishing service.ready, then its delivery to the subscriber.
+    out["ours_restart_exited_published_ms_p50"] = stats_ms(ours_published["exited"])["p50"]
+    out["ours_restart_ready_published_ms_p50"] = stats_ms(ours_published["ready"])["p50"]
+    return out
+
+
+def control(plan: Plan, peers: dict[str, PeerDaemon], client: Any, stack: ExitStack, root: str) -> dict[str, Any]:
+    """Control round trips, interleaved rounds: circus status, getAllProcessInfo, Client.status()."""
+    calls: dict[str, Callable[[], Any]] = {}
+    for label, peer in peers.items():
+        if isinstance(peer, Circus):
+            peer.call("status")  # connects
+            calls[label] = peer.status_fn()
+        elif isinstance(peer, Supervisord):
+            calls[label] = peer.rpc.getAllProcessInfo
+    calls["ours"] = client.status
+    calls["raw_zmq"] = raw_round_trip(stack, root)
+    clock = time.perf_counter_ns
+    lat: dict[str, list[int]] = {label: [] for label in calls}
+    for fn in calls.values():
+        for _ in range(plan.control_warmup):
+            fn()
+    for _ in range(plan.control_rounds):
+        for label, fn in calls.items():
+            bucket = lat[label]
+            for _ in range(plan.control_per_round):
+                t0 = clock()
+                fn()
+                bucket.append(clock() - t0)
+    out: dict[str, Any] = {}
+    for label, s in lat.items():
+        us = [x / 1000.0 for x in s]
+        out[f"{label}_control_us_p50"] = round(percentile(us, 50), 1)
+        out[f"{label}_control_us_p99"] = round(percentile(us, 99), 1)
+    log("control us p50: " + ", ".join(f"{k} {out[f'{k}_control_us_p50']}" for k in lat))
+    return out
+
+
+def raw_round_trip(stack: ExitStack, root: str) -> Callable[[], Any]:
+    """One raw pyzmq DEALER → ROUTER echo round trip (``bench/raw.py serve-sync``): the floor.
+
+    Any control request of any supervisor over a ZeroMQ socket costs at least this much.
+    """
+    import msgpack
+
+    helper = stack.enter_context(Helper([raw.__file__, "serve-sync", f"ipc://{root}/raw.sock"]))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(f"ipc://{root}/raw.sock")
+    stack.callback(sock.close)
+    assert helper.ready_line
+    request = msgpack.packb({"text": "status"})
+    send, recv = sock.send, sock.recv
+
+    def round_trip() -> bytes:
+        send(request)
+        return recv()
+
+    return round_trip
+
+
+# --- memory limit → restart -----------------------------------------------------------------------
+
+
+def memlimit(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
+    """Phase 2: a worker allocating past 128 MiB → running again, round-robin over the daemons."""
+    out: dict[str, Any] = {}
+    with ExitStack() as stack:
+        stage = Stage(stack)
+        peers: dict[str, str] = {}  # label -> the hog worker's tag
+        if venv is not None:
+            plugin_tuned = {"max_mem": f"{MEM_LIMIT // MIB}M", "loop_rate": 0.1}
+            stage.peer(Circus("circus_tuned_mem", os.path.join(root, "circus_tuned_mem"), venv, notify.path,
+                              [WorkerSpec(name="hog", tag="circus_tuned.hog", hog_limit=MEM_LIMIT)],
+                              check_delay=0.1, memory_plugin=plugin_tuned))
+            peers["circus_tuned"] = "circus_tuned.hog"
+            if plan.slow_memlimit:
+                stage.peer(Circus("circus_mem", os.path.join(root, "circus_mem"), venv, notify.path,
+                                  [WorkerSpec(name="hog", tag="circus.hog", hog_limit=MEM_LIMIT)],
+                                  memory_plugin={"max_mem": f"{MEM_LIMIT // MIB}M"}))
+                peers["circus"] = "circus.hog"
+        ours: dict[str, tuple[Daemon, Any]] = {}
+        settings = {"ours": {}, "ours_tuned": {"memory_sample_interval": "100ms"}}
+        daemons = stage.ours_many([Daemon(ours_hog_config(notify.path, f"{label}.hog"), kernel=kernel)
+                                   for label, kernel in settings.items()])
+        for label, daemon in zip(settings, daemons):
+            ours[label] = (daemon, stack.enter_context(subscriber(daemon, ["service.ready"])))
+        current = {label: notify.wait("up", tag, 60.0) for label, tag in peers.items()}
+        for label in ours:
+            current[label] = notify.wait("up", f"{label}.hog", 60.0)
+        log(f"memory-limit daemons up: {', '.join(current)}")
+
+        def trial(label: str, tag: str, timeout: float) -> tuple[float, float]:
+            """SIGUSR1 → crossing → the replacement's up (and, for ours, its service.ready)."""
+            old = current[label]
+            os.kill(old.pid, signal.SIGUSR1)
+            cross = notify.wait("cross", tag, 30.0)
+            t_ready = wait_ready_event(ours[label][1], "hog", old.pid, timeout)[0] if label in ours else None
+            new = notify.wait("up", tag, timeout, not_pid=old.pid)
+            current[label] = new
+            up_ms = ms_between(cross.t_ns, new.t_ns)
+            return (ms_between(cross.t_ns, t_ready) if t_ready is not None else up_ms), up_ms
+
+        fast = [label for label in ("circus_tuned", "ours", "ours_tuned") if label in current]
+        results: dict[str, list[tuple[float, float]]] = {label: [] for label in current}
+        for i in range(plan.memlimit):
+            for label in fast:
+                tag = peers.get(label, f"{label}.hog")
+                results[label].append(trial(label, tag, 30.0))
+            log(f"  memory-limit round {i + 1}/{plan.memlimit}: "
+                + ", ".join(f"{k} {results[k][-1][0]:.0f}" for k in fast) + " ms")
+        if "circus" in peers:
+            log("  circus with the plugin's default loop_rate (60 s, max_count 3): one sample, ~4 minutes")
+            results["circus"].append(trial("circus", "circus.hog", 600.0))
+        for label, rs in results.items():
+            out[f"{label}_memlimit_restart_ms_p50"] = round(statistics.median(r[0] for r in rs), 1) if rs else None
+            if label.startswith("ours") and rs:
+                out[f"{label}_memlimit_up_ms_p50"] = round(statistics.median(r[1] for r in rs), 1)
+    return out
+
+
+# --- idle cost --------------------------------------------------------------------------------------
+
+
+def measure_idle(pid: int, seconds: float) -> dict[str, float]:
+    """The process's own CPU % (user + system, children excluded) over ``seconds``, and its RSS."""
+    proc = psutil.Process(pid)
+    c0 = proc.cpu_times()
+    w0 = time.perf_counter()
+    time.sleep(seconds)  # the measurement window itself
+    wall = time.perf_counter() - w0
+    c1 = proc.cpu_times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system)
+    return {"cpu_pct": round(cpu / wall * 100.0, 2), "rss_mib": round(proc.memory_info().rss / MIB, 1)}
+
+
+def idle(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
+    """Phase 3: each supervisor alone with N idle workers; its own CPU and RSS once all are up."""
+    from bench.scale import services_config, wait_all_ready
+
+    n = plan.idle_workers
+    out: dict[str, Any] = {}
+    # One supervisord configuration is enough here: startsecs only matters while a process starts.
+    for label in ("circus", "circus_tuned", "supervisord") if venv is not None else ():
+        assert venv is not None
+        workers = [WorkerSpec(name=f"i{i}", tag=f"{label}.idle.i{i}") for i in range(n)]
+        with ExitStack() as stack:
+            t0 = time.perf_counter()
+            peer = Stage(stack).peer(make_peer(label, venv, os.path.join(root, "idle"), notify, workers))
+            got = notify.wait_up_count(f"{label}.idle.", n, 300.0)
+            if got < n:
+                raise RuntimeError(f"{label}: only {got}/{n} idle workers up:\n{peer.log_tail()}")
+            startup = time.perf_counter() - t0
+            time.sleep(plan.idle_settle)  # same settle for everyone: start-up stragglers are not idle cost
+            m = measure_idle(peer.pid, plan.idle_seconds)
+            log(f"  idle {n} under {label}: up in {startup:.1f}s, {m}")
+        out.update({f"{label}_idle{n}_cpu_pct": m["cpu_pct"], f"{label}_idle{n}_rss_mib": m["rss_mib"],
+                    f"{label}_idle{n}_startup_s": round(startup, 2)})
+    with ExitStack() as stack:
+        config = services_config(n, "120s")
+        t0 = time.perf_counter()
+        daemon = Stage(stack).ours(Daemon(config, kernel={"heartbeat_interval": "1s"}, ready_timeout=60.0))
+        ready = wait_all_ready(daemon, set(config), timeout=600.0)["ready"]
+        if ready < n:
+            raise RuntimeError(f"ours: only {ready}/{n} idle services ready:\n{daemon.log_tail()}")
+        startup = time.perf_counter() - t0
+        time.sleep(plan.idle_settle)
+        m = measure_idle(daemon.pid, plan.idle_seconds)
+        log(f"  idle {n} under ours: up in {startup:.1f}s, {m}")
+        out.update({f"ours_idle{n}_cpu_pct": m["cpu_pct"], f"ours_idle{n}_rss_mib": m["rss_mib"],
+                    f"ours_idle{n}_startup_s": round(startup, 2)})
+    return out
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def null_peer_keys(plan: Plan) -> dict[str, Any]:
+    """Every key of every peer configuration, null: what is left when a peer was not measured."""
+    n = plan.idle_workers
+    out: dict[str, Any] = {}
+    for label in PEER_LABELS:
+        for key in ("restart_ms_p50", "restart_ms_p90", "control_us_p50", "control_us_p99",
+                    f"idle{n}_cpu_pct", f"idle{n}_rss_mib", "memlimit_restart_ms_p50"):
+            out[f"{label}_{key}"] = None
+    return out
+
+
+def best(result: dict[str, Any], suffix: str) -> tuple[str | None, float | None]:
+    values = [(result.get(f"{label}_{suffix}"), label) for label in PEER_LABELS]
+    measured = [(v, label) for v, label in values if v is not None]
+    if not measured:
+        return None, None
+    v, label = min(measured)
+    return label, v
+
+
+def kill_leftovers(token: str) -> int:
+    """SIGKILL any process whose command line names this run's directory (a last safety net)."""
+    me = os.getpid()
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.info["pid"] != me and any(token in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+                found.append(p)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(found, timeout=5)
+    return len(found)
+
+
+def run(plan: Plan) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"bench": "peers", "quick": plan.quick, "cpus": os.cpu_count(),
+                              "loadavg_1m_start": round(os.getloadavg()[0], 2)}
+    result.update(null_peer_keys(plan))
+    result["supervisord_memlimit_note"] = "no memory limit in supervisord itself (superlance memmon: not measured)"
+    venv: PeersVenv | None = None
+    try:
+        venv = ensure_peers_venv(log)
+        result.update(circus_version=venv.circus_version, supervisor_version=venv.supervisor_version,
+                      peers_venv=str(venv.path), peers_error=None)
+        log(f"peers: circus {venv.circus_version}, supervisor {venv.supervisor_version} from {venv.path}")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        result.update(circus_version=None, supervisor_version=None, peers_venv=None, peers_error=str(exc))
+        log(f"peers unavailable, measuring ours only: {exc}")
+    root = short_tmp("mk-peers-")
+    try:
+        with Listener(os.path.join(root, "notify.sock")) as notify:
+            log("phase 1: crash → running again, control round trip")
+            result.update(restart_and_control(plan, venv, root, notify))
+            log("phase 2: memory limit → restart")
+            result.update(memlimit(plan, venv, root, notify))
+            log(f"phase 3: {plan.idle_workers} idle workers, one supervisor at a time")
+            result.update(idle(plan, venv, root, notify))
+    finally:
+        leftovers = kill_leftovers(root)
+        if leftovers:
+            log(f"killed {leftovers} leftover process(es) of this run")
+        shutil.rmtree(root, ignore_errors=True)
+    if not plan.slow_memlimit and venv is not None:
+        result["circus_memlimit_note"] = ("default loop_rate (60 s, max_count 3): ~4 minutes per sample, "
+                                          "measured only with --slow-memlimit")
+    best_restart, best_restart_ms = best(result, "restart_ms_p50")
+    best_control, best_control_us = best(result, "control_us_p50")
+    ours_restart, ours_control = result.get("ours_restart_ms_p50"), result.get("ours_control_us_p50")
+    result.update({
+        "best_peer_restart": best_restart,
+        "restart_vs_best_peer": round(ours_restart / best_restart_ms, 3) if best_restart_ms and ours_restart else None,
+        "best_peer_control": best_control,
+        "control_vs_best_peer": round(ours_control / best_control_us, 3) if best_control_us and ours_control else None,
+    })
+    bars = [result["restart_vs_best_peer"], result["control_vs_best_peer"]]
+    result["pass"] = None if None in bars else all(b <= 0.5 for b in bars)
+    result["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s on a quiet host): fewer samples, 10 idle workers")
+    parser.add_argument("--slow-memlimit", action="store_true",
+                        help="also one sample of circus's resource_watcher at its default loop_rate (~4 min)")
+    args = parser.parse_args(argv)
+    exit_cleanly_on_sigterm()
+    emit(run(Plan(args.quick, args.slow_memlimit)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
