@@ -116,9 +116,9 @@ class AsyncClient:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
         return reply_body(await self._request(messages.PingRequest()))
 
-    async def status(self, service: str | None = None) -> dict[str, Any]:
-        """``{kernel, services}``; one service if named."""
-        return reply_body(await self._request(messages.StatusRequest(service=service)))
+    async def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
+        """``{kernel, services}``; one service if named; ``brief`` as in ``Client.status``."""
+        return reply_body(await self._request(messages.StatusRequest(service=service, brief=brief)))
 
     async def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""

@@ -19,6 +19,7 @@ from protocols.endpoints import ENDPOINT_ENV
 from protocols.errors import MicrokernelError
 
 from microkernel.cli_format import (
+    brief_table,
     dump_json,
     event_line,
     event_record,
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("status", "show the kernel and its services (one service in detail if NAME is given)")
     p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--brief", action="store_true",
+                   help="states only: name, state, ready/desired, restarts (a small reply for health checks and polling)")
     command("list", "list the configured services")
     for name, text in (("start", "start a service"), ("restart", "restart a service")):
         p = command(name, f"{text} (waits until it is ready unless --no-wait)")
@@ -148,9 +151,11 @@ def _emit(args: argparse.Namespace, reply: Any, human: str) -> int:
 
 
 def _cmd_status(client: Client, args: argparse.Namespace) -> int:
-    reply = client.status(args.name)
+    reply = client.status(args.name, brief=args.brief)
     if args.json:
         return _emit(args, reply, "")
+    if args.brief:
+        return _emit(args, reply, kernel_line(reply["kernel"]) + "\n\n" + brief_table(reply["services"]))
     if args.name is not None:
         matching = [s for s in reply["services"] if s.get("name") == args.name]
         return _emit(args, reply, "\n\n".join(service_detail(s) for s in matching) or f"{args.name}: no status")

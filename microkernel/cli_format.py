@@ -184,6 +184,15 @@ def status_table(services: Sequence[Mapping[str, Any]]) -> str:
     return render_table(["NAME", "STATE", "READY", "RESTARTS", "PID(S)", "UPTIME", "LAST-EXIT"], rows)
 
 
+def brief_table(services: Sequence[Mapping[str, Any]]) -> str:
+    """NAME STATE READY RESTARTS, one row per service (a brief status)."""
+    if not services:
+        return "no services configured"
+    rows = [[s.get("name"), s.get("state"), f"{s.get('ready_replicas', 0)}/{s.get('desired_replicas', 0)}",
+             s.get("restarts", 0)] for s in services]
+    return render_table(["NAME", "STATE", "READY", "RESTARTS"], rows)
+
+
 def service_detail(service: Mapping[str, Any]) -> str:
     """One service: its summary lines, then a table of its replicas."""
     depends = ", ".join(service.get("depends_on") or ()) or EMPTY

@@ -136,9 +136,13 @@ class Client:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
         return reply_body(self._request(messages.PingRequest()))
 
-    def status(self, service: str | None = None) -> dict[str, Any]:
-        """``{kernel, services}`` (see the StatusReply in docs/protocol.md); one service if named."""
-        return reply_body(self._request(messages.StatusRequest(service=service)))
+    def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
+        """``{kernel, services}`` (see the StatusReply in docs/protocol.md); one service if named.
+
+        ``brief``: each service's name, state, desired and ready replicas and restarts only (no
+        replicas, resources or endpoints): a fraction of the bytes, for health checks and polling.
+        """
+        return reply_body(self._request(messages.StatusRequest(service=service, brief=brief)))
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""

@@ -79,13 +79,27 @@ class Kernel:
         return (status_changes.value, self.resources.status_key(), self.supervisor.shutting_down,
                 None if standby is None else tuple(standby.summary().values()))
 
-    def status_reply(self, service: str | None) -> wire.Packed:
+    def status_reply(self, service: str | None, brief: bool = False) -> wire.Packed:
         """The reply to a ``status_request``, packed once per change (see :mod:`microkernel.status_cache`)."""
         names = None if service is None else [service]
         if service is not None:
             self.supervisor.service(service)  # an unknown name is an error, never a cached reply
+        if brief:
+            return self._status.get((service, True), lambda: wire.pack_message(
+                m.StatusReply(kernel=self.brief_summary(), services=self.supervisor.status(names, brief=True))))
         return self._status.get(service, lambda: wire.pack_message(
             m.StatusReply(kernel=self.summary(), services=self.supervisor.status(names))))
+
+    def brief_summary(self) -> dict[str, Any]:
+        """The ``kernel`` map of a brief status reply."""
+        return {
+            "version": self.version,
+            "pid": self.pid,
+            "uptime_s": self.uptime_s,
+            "services": len(self.supervisor.services),
+            "replicas": self.supervisor.counts(),
+            "shutting_down": self.supervisor.shutting_down,
+        }
 
     def summary(self) -> dict[str, Any]:
         """The ``kernel`` map of a status reply."""

@@ -51,9 +51,10 @@ class PingReply:
 @message("status_request")
 @_frozen
 class StatusRequest:
-    """Status of one service (``service`` set) or of the whole kernel."""
+    """Status of one service (``service`` set) or of the whole kernel; ``brief``: states only."""
 
     service: str | None = None
+    brief: bool = False
 
 
 @message("status_reply")

@@ -191,6 +191,16 @@ class ServiceRecord:
             "replicas": replicas,
         }
 
+    def to_brief(self) -> dict[str, Any]:
+        """The brief *ServiceStatus*: what a health check or a dashboard polls."""
+        return {
+            "name": self.spec.name,
+            "state": self.aggregate_state(),
+            "desired_replicas": self.desired,
+            "ready_replicas": self.up_count(),
+            "restarts": self.restarts,
+        }
+
     def to_summary(self) -> dict[str, Any]:
         spec = self.spec
         return {

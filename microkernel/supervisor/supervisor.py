@@ -397,8 +397,10 @@ class Supervisor(ReplicaDriver, ServiceMembership):
 
     # --- views ---------------------------------------------------------------------------------
 
-    def status(self, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    def status(self, names: Iterable[str] | None = None, *, brief: bool = False) -> list[dict[str, Any]]:
         recs = self.services.values() if names is None else [self.service(n) for n in names]
+        if brief:
+            return [r.to_brief() for r in recs]
         return [r.to_status(self._replica_resources) for r in recs]
 
     def _replica_resources(self, rep: ReplicaRecord) -> dict[str, Any]:

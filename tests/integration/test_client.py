@@ -164,6 +164,19 @@ def test_status_list_lookup_and_calls(kernel: KernelHandle) -> None:
         only = client.status("echo")["services"]
         assert [s["name"] for s in only] == ["echo"]
         assert len(only[0]["replicas"]) == 2
+        # Brief: the same states and counts, nothing per replica.
+        brief = client.status(brief=True)
+        assert brief["kernel"]["pid"] == kernel.proc.pid
+        assert "resources" not in brief["kernel"]
+        full_view = {s["name"]: (s["state"], s["ready_replicas"], s["desired_replicas"], s["restarts"])
+                     for s in client.status()["services"]}
+        assert {s["name"]: (s["state"], s["ready_replicas"], s["desired_replicas"], s["restarts"])
+                for s in brief["services"]} == full_view
+        assert all(set(s) == {"name", "state", "ready_replicas", "desired_replicas", "restarts"} for s in brief["services"])
+        assert [s["name"] for s in client.status("echo", brief=True)["services"]] == ["echo"]
+        with pytest.raises(RemoteError) as info:
+            client.status("nope", brief=True)
+        assert info.value.code is ErrorCode.UNKNOWN_SERVICE
 
         specs = {s["name"]: s for s in client.list()}
         assert specs["echo"]["entry"] == "tests.fixtures.echo:Echo"
@@ -340,6 +353,12 @@ def test_mkctl_commands(kernel: KernelHandle) -> None:
 
     detail = mkctl(kernel, "status", "echo")
     assert detail.returncode == 0 and "REPLICA" in detail.stdout
+
+    brief = mkctl(kernel, "status", "--brief")
+    assert brief.returncode == 0, brief.stderr
+    header, *rows = brief.stdout.split("\n\n", 1)[1].splitlines()
+    assert header.split() == ["NAME", "STATE", "READY", "RESTARTS"]
+    assert next(r.split() for r in rows if r.startswith("echo "))[1:3] == ["ready", "2/2"]
 
     as_json = mkctl(kernel, "--json", "status")
     assert as_json.returncode == 0
