@@ -32,6 +32,14 @@ def rpc_result(envelope: wire.Envelope) -> Any:
     return msg.result
 
 
+def _left(end: float, timeout: float, service: str) -> float:
+    """What is left of a call's ``timeout`` at this point (its ``end`` on the monotonic clock)."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise CallTimeout(f"no reply from {service!r} within {timeout:g}s (the look-up of its replicas took it all)")
+    return left
+
+
 def _check_lookup(reply: messages.LookupReply) -> list[str]:
     if not reply.endpoints:
         raise MicrokernelError(ErrorCode.NOT_READY, f"service {reply.service!r} has no ready replica")
@@ -94,14 +102,16 @@ class AsyncDirectory:
     async def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
         deadline_ns = time.time_ns() + int(timeout * 1e9)
+        end = time.monotonic() + timeout  # one budget for the look-ups and the request
         route, cached = await self._route(service, timeout)
         request = messages.RpcRequest(method=method, args=args)
         try:
             try:
-                env = await route.requester.request(request, timeout=timeout, deadline_ns=deadline_ns, try_now=cached)
+                env = await route.requester.request(request, timeout=_left(end, timeout, service), deadline_ns=deadline_ns,
+                                                    try_now=cached)
             except NoPeer:
-                route, _ = await self._route(service, timeout, refresh=True)
-                env = await route.requester.request(request, timeout=timeout, deadline_ns=deadline_ns)
+                route, _ = await self._route(service, _left(end, timeout, service), refresh=True)
+                env = await route.requester.request(request, timeout=_left(end, timeout, service), deadline_ns=deadline_ns)
         except (CallTimeout, MicrokernelError) as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0  # the replica set may have changed: look up again next time
@@ -142,16 +152,19 @@ class SyncDirectory:
     def call(self, service: str, method: str, args: dict[str, Any], *, timeout: float = 30.0) -> Any:
         """Call ``method`` on one ready replica of ``service`` and return its result."""
         route = self._routes.get(service)
-        if route is not None and time.monotonic() < route.expires:
-            cached = True  # a fresh cached route: no call to _route on the per-call path
+        now = time.monotonic()
+        end = now + timeout  # one budget for the look-ups and the request
+        if route is not None and now < route.expires:
+            cached, left = True, timeout  # a fresh cached route: no call to _route on the per-call path
         else:
             route, cached = self._route(service, timeout)
+            left = _left(end, timeout, service)
         try:
             try:
-                env = route.requester.call(method, args, timeout=timeout, try_now=cached)
+                env = route.requester.call(method, args, timeout=left, try_now=cached)
             except NoPeer:
-                route, _ = self._route(service, timeout, refresh=True)
-                env = route.requester.call(method, args, timeout=timeout)
+                route, _ = self._route(service, _left(end, timeout, service), refresh=True)
+                env = route.requester.call(method, args, timeout=_left(end, timeout, service))
         except MicrokernelError as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0

@@ -275,11 +275,26 @@ def sweep_orphans() -> int:
     for name in names:
         if not valid_name(name):
             continue
-        owner = int(name.split(".")[2])
-        try:
-            os.kill(owner, 0)
-        except ProcessLookupError:
+        if not _running(int(name.split(".")[2])):
             count += unlink_path(os.path.join(SHM_DIR, name))
-        except PermissionError:
-            pass  # alive, somebody else's
     return count
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process. A zombie is not: it has died and only waits to be reaped
+    (a killed kernel's replicas, before whoever inherits them reaps them), and it will never use
+    or unlink its segments again."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # somebody else's process; it exists
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+            return stat.read().rpartition(b")")[2][1:2] != b"Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc/self")  # gone since the signal (without procfs: trust the signal)
+    except OSError:
+        return True

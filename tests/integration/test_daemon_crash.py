@@ -182,10 +182,10 @@ def wait_exited_unreaped(pids: list[int], timeout: float) -> list[int]:
     return zombies
 
 
-@pytest.mark.xfail(strict=True, reason="protocols/shm.py sweep_orphans() tests an owner with os.kill(pid, 0), which "
-                   "succeeds for a zombie: a new daemon leaves the segments of a killed daemon's replicas that are "
-                   "dead but not yet reaped (reparented to a subreaper that reaps late, or a pid 1 that never reaps)")
 def test_restart_sweeps_segments_of_dead_unreaped_replicas(short_tmp: str) -> None:
+    """Regression: sweep_orphans() took a zombie owner (os.kill(pid, 0) succeeds for one) for alive,
+    so a new daemon left the segments of a killed daemon's replicas that were dead but not yet
+    reaped (reparented to a subreaper that reaps late, or to a pid 1 that never reaps)."""
     with start_kernel(CONFIG, short_tmp) as k, Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c:
         c.wait_ready("shm", timeout=CEILING)
         made = c.call("shm", "make_segment", size=1 << 20)
