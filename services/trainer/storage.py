@@ -25,6 +25,14 @@ __all__ = ["JobStore"]
 T = TypeVar("T")
 Caller = Callable[..., Awaitable[Any]]
 _STORE_TIMEOUT_S = 60.0
+# A store that restarts (crash, upgrade, reload) is away for a few seconds: a job rides through it.
+# Retried: no ready replica yet, the replica went away, it is stopping, no reply in time (a request
+# lost with a dead replica). Each attempt gets at most _ATTEMPT_S of what is left of the call's
+# timeout, so one request lost with a dead replica does not use up the whole of it.
+_TRANSIENT = frozenset({ErrorCode.NOT_READY, ErrorCode.UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT})
+_ATTEMPT_S = 20.0
+_RETRY_FIRST_S = 0.1
+_RETRY_MAX_S = 2.0
 
 
 def _missing(exc: MicrokernelError) -> bool:
@@ -36,10 +44,27 @@ class JobStore:
 
     def __init__(self, call: Caller, loop: asyncio.AbstractEventLoop, *, keep_checkpoints: int = 3,
                  log: logging.Logger | None = None) -> None:
-        self._call = call
+        self._store_call = call
         self._log = log or logging.getLogger(__name__)
         self._loop = loop
         self.keep_checkpoints = keep_checkpoints
+
+    async def _call(self, method: str, *, timeout: float = _STORE_TIMEOUT_S, **args: Any) -> Any:
+        """``store.<method>(**args)``, retried with a growing pause while the store is away
+        (restarting), within ``timeout`` in all; other errors are raised at once."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        pause = _RETRY_FIRST_S
+        while True:
+            left = end - loop.time()
+            try:
+                return await self._store_call(method, timeout=min(left, _ATTEMPT_S), **args)
+            except MicrokernelError as exc:
+                if exc.code not in _TRANSIENT or loop.time() + pause >= end:
+                    raise
+                self._log.warning("store %s: %s (%s); retrying in %.1fs", method, exc.code.value, exc.reason, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RETRY_MAX_S)
 
     def blocking(self, coro: Awaitable[T], timeout: float = _STORE_TIMEOUT_S + 5) -> T:
         """Run one of these coroutines from the training thread and wait for its result."""

@@ -3,6 +3,7 @@ checkpoints and resume."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -155,3 +156,35 @@ def test_the_rank_environment() -> None:
     assert env.device == torch.device("cpu")
     nccl = DistEnv.from_environ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, cuda=True)
     assert nccl is not None and nccl.backend == "nccl"
+
+
+def test_store_calls_ride_through_a_restarting_store_and_give_up_on_real_errors() -> None:
+    from services.trainer.storage import JobStore
+
+    async def scenario() -> None:
+        answers: list[object] = [MicrokernelError(ErrorCode.NOT_READY, "store has no ready replica"),
+                                 MicrokernelError(ErrorCode.UNAVAILABLE, "replica went away"), {"version": 3}]
+        calls: list[tuple[str, float]] = []
+
+        async def call(method: str, timeout: float, **args: object) -> object:
+            calls.append((method, timeout))
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        store = JobStore(call, asyncio.get_running_loop())
+        assert await store._call("put", key="k", timeout=30.0) == {"version": 3}
+        assert [m for m, _ in calls] == ["put"] * 3 and all(t <= 20.0 for _, t in calls)
+
+        answers[:] = [MicrokernelError(ErrorCode.INVALID_FIELD, "bad key")]
+        with pytest.raises(MicrokernelError) as info:
+            await store._call("put", key="k", timeout=30.0)
+        assert info.value.code is ErrorCode.INVALID_FIELD  # not a restart: raised at once, not retried
+
+        answers[:] = [MicrokernelError(ErrorCode.NOT_READY, "down")] * 100
+        with pytest.raises(MicrokernelError) as info:
+            await store._call("get", key="k", timeout=0.5)  # the budget runs out: the last error is raised
+        assert info.value.code is ErrorCode.NOT_READY
+
+    asyncio.run(scenario())
