@@ -4,7 +4,8 @@ PDEATHSIG (see :mod:`microkernel.supervisor.process`) kills the daemon's direct 
 daemon dies, but not grandchildren. The sentinel closes that gap: the daemon tells it, over the
 sentinel's stdin, which process groups it started (``+<pgid>``) and which it has finished with
 (``-<pgid>``). When stdin reaches end-of-file — the daemon closed it, exited, or was ``kill -9``-ed, the
-kernel closes the pipe either way — the sentinel SIGKILLs every group still tracked and exits 0.
+kernel closes the pipe either way — the sentinel SIGKILLs every group still tracked, unlinks the
+shared-memory segments named after the daemon (``mk.<daemon pid>.*``) and exits 0.
 
 Descendants that left their group (``setsid``) are caught by an environment marker: the daemon puts
 :attr:`Sentinel.marker_env` into every child's environment, children pass it on to theirs, and on
@@ -34,6 +35,9 @@ MARKER_VAR = "MICROKERNEL_SENTINEL"
 
 # Bounds the marker sweep: each pass SIGKILLs what forked during the previous one.
 _SWEEP_PASSES = 5
+
+# Where POSIX shared memory lives (protocols.shm.SHM_DIR; not imported: the sentinel starts bare).
+SHM_DIR = "/dev/shm"
 
 # How long close() waits for the sentinel to finish its clean-up before killing it.
 _CLOSE_CEILING = 10.0
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     groups: set[int] = set()
     own_group = os.getpgrp()
+    kernel = os.getppid()  # the daemon started us; after its death we are someone else's child
     stdin = sys.stdin.buffer if sys.stdin is not None else None
     while stdin is not None:
         try:
@@ -85,7 +90,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"microkernel.sentinel: cannot kill group {pgid}: {exc}", file=sys.stderr)
     if marker:
         _sweep(f"{MARKER_VAR}={marker}".encode())
+    _unlink_segments(kernel)
     return 0
+
+
+def _unlink_segments(kernel: int) -> None:
+    """Unlink the shared-memory segments of the daemon's processes (``mk.<kernel pid>.*``, see
+    :mod:`protocols.shm`): they are all dead now, and memory in /dev/shm outlives its users."""
+    prefix = f"mk.{kernel}."
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass  # gone already, or unlinked by the daemon itself on a clean stop
 
 
 def _apply(line: bytes, groups: set[int], own_group: int) -> None:

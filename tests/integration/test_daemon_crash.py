@@ -7,10 +7,9 @@ This module covers them together, plus what neither checks:
 
 * every child of the killed daemon dies — replicas, their children, the sentinel, the standby;
 * shared-memory segments of the dead daemon's replicas (one a replica made on purpose, one from
-  the store's read pool) are gone **after the restart at the latest**: the new daemon unlinks the
-  segments of dead owners when it starts. Between the kill and the restart they are still there:
-  nothing of the old daemon survives to unlink them (the sentinel only kills processes) —
-  ``test_segments_of_a_killed_daemon_go_without_a_restart`` (xfail) records that gap;
+  the store's read pool) are gone: the sentinel unlinks ``mk.<daemon pid>.*`` once it has killed
+  the daemon's processes (``test_segments_of_a_killed_daemon_go_without_a_restart``), and a new
+  daemon unlinks the segments of dead owners when it starts (the safety net);
 * after the restart the store's data is intact and the chain ``store → a → b → c``
   (``depends_on``) comes back to ready in dependency order: each service is *started* only after
   its dependency announced *ready* (checked on the new kernel's event history, by ``seq``).
@@ -203,10 +202,9 @@ def test_restart_sweeps_segments_of_dead_unreaped_replicas(short_tmp: str) -> No
         shm.sweep(kernel_pid=old_kernel)
 
 
-@pytest.mark.xfail(strict=True, reason="a kill -9ed daemon's replica segments stay in /dev/shm until a daemon "
-                   "starts again: the sentinel kills the processes but does not unlink mk.<kernel pid>.* "
-                   "(microkernel/sentinel.py); only the next daemon's start sweep (resources/segments.reap_all) does")
 def test_segments_of_a_killed_daemon_go_without_a_restart(short_tmp: str) -> None:
+    """Regression: a kill -9ed daemon's replica segments stayed in /dev/shm until a daemon started
+    again; the sentinel now unlinks mk.<kernel pid>.* once it has killed the daemon's processes."""
     with start_kernel(CONFIG, short_tmp) as k, Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c:
         c.wait_ready("shm", timeout=CEILING)
         made = c.call("shm", "make_segment", size=1 << 20)
