@@ -34,6 +34,7 @@ from services.handlers import SubscriptionHandler, portable
 
 BACKLOG_LIMIT = 1_000
 QUEUE_LIMIT = 10_000
+SUBSCRIPTION_MAX_SIZE = 64 * 1024  # bytes; ZMQ_MAXMSGSIZE of the publisher's XPUB (subscriptions only)
 _SUBSCRIBE = 1  # first byte of an XPUB subscription message; 0 is unsubscribe
 
 
@@ -44,6 +45,9 @@ class EventPublisher:
                  backlog_limit: int = BACKLOG_LIMIT) -> None:
         sock = ctx.socket(zmq.XPUB)
         sock.linger = 0
+        # It only ever receives the kernel's subscriptions (short topic patterns): anything larger
+        # disconnects the sender before it is buffered, as on the kernel's own subscribe side.
+        sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_SIZE)
         sock.connect(endpoint)
         self.sender = sender
         self.log = log

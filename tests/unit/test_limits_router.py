@@ -16,6 +16,7 @@ from protocols.transport import AsyncRequester, AsyncSocket, SyncRequester, fram
 from microkernel.bus.control import ControlRouter
 from microkernel.limits import LimitSettings
 from services.dataplane import DataPlane
+from services.events import SUBSCRIPTION_MAX_SIZE, EventPublisher
 
 CEILING = 10.0  # seconds; every wait returns as soon as its condition holds
 
@@ -182,6 +183,10 @@ def test_every_request_reply_socket_and_subscriber_caps_its_frames() -> None:
             unlimited = SyncRequester(ctx, ["inproc://caps-control"], sender="t")
             assert unlimited.sock.getsockopt(zmq.MAXMSGSIZE) == -1  # no limit given: ZeroMQ's default
             unlimited.close()
+            # A replica's event publisher only receives subscriptions: capped at the subscribe side's size.
+            publisher = EventPublisher(ctx, "inproc://caps-events-in", sender="s", log=logging.getLogger("t"))
+            assert publisher.socket.sock.getsockopt(zmq.MAXMSGSIZE) == SUBSCRIPTION_MAX_SIZE == 64 * 1024
+            publisher.socket.close()
         finally:
             for close in closers:
                 close()
