@@ -35,11 +35,11 @@ sys.stdout.write("bye without newline")
 """
 
 COUNTER = r"""
-import os, sys, time
+import os, signal
 inc = os.environ["MK_INCARNATION"]
 for i in range(int(os.environ.get("LINES", "200"))):
     print(f"inc {inc} line {i:04d}", flush=True)
-time.sleep(1000)
+signal.pause()  # stay up, printing nothing more, until the kernel stops or kills it
 """
 
 
