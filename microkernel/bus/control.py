@@ -18,7 +18,7 @@ import zmq
 
 from protocols import wire
 from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
-from protocols.transport import AsyncSocket
+from protocols.transport import AsyncSocket, frame_size_limit
 from microkernel.bus.limits import ControlLimiter
 from microkernel.limits import LimitSettings
 
@@ -53,7 +53,7 @@ class ControlRouter:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A hard cap far above the protocol limit: frames beyond it are refused by ZeroMQ itself
         # (the peer is disconnected) so a hostile client cannot make the kernel buffer gigabytes.
-        sock.setsockopt(zmq.MAXMSGSIZE, max(max_size * 4, 1 << 20))
+        sock.setsockopt(zmq.MAXMSGSIZE, frame_size_limit(max_size))
         limits = limits or LimitSettings()
         # Bounded queues per peer: a client that never reads its replies loses them (drop_when_full)
         # instead of making the kernel buffer without bound; one that floods waits in its own socket.
