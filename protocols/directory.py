@@ -161,18 +161,14 @@ class SyncDirectory:
             left = _left(end, timeout, service)
         try:
             try:
-                env = route.requester.call(method, args, timeout=left, try_now=cached)
+                return route.requester.call(method, args, timeout=left, try_now=cached)
             except NoPeer:
                 route, _ = self._route(service, _left(end, timeout, service), refresh=True)
-                env = route.requester.call(method, args, timeout=_left(end, timeout, service))
+                return route.requester.call(method, args, timeout=_left(end, timeout, service))
         except MicrokernelError as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0
             raise
-        msg = env.message
-        if type(msg) is not messages.RpcReply:
-            return rpc_result(env)  # raises the error that names what came instead
-        return msg.result
 
     def close(self) -> None:
         for route in self._routes.values():

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from protocols import handover, wire
+from protocols import handover, messages, wire
 from protocols.errors import CallTimeout, ErrorCode, MicrokernelError, ProtocolError, RemoteError
 
 log = logging.getLogger("microkernel.transport")
@@ -36,6 +36,10 @@ _RCVTIMEO = int(zmq.RCVTIMEO)
 _SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
 _MAGIC = wire.MAGIC
+_new_msg_id = wire.new_msg_id
+_decode_rpc_reply = wire.decode_rpc_reply
+_monotonic = time.monotonic
+_time_ns = time.time_ns
 # The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
 # a Python frame, a type check and enum arithmetic per frame (several µs per message on small VMs).
 _BaseSocket = zmq.Socket.__mro__[1]
@@ -421,6 +425,7 @@ class SyncRequester:
         self.max_size = max_size
         self.shm_threshold = shm_threshold  # as for AsyncRequester
         self._shm = shm_threshold if same_host(self.endpoints) else None
+        self._rpc = wire.RpcRequestEncoder(sender)
 
     def connect(self, endpoint: str) -> None:
         if endpoint not in self.endpoints:
@@ -458,21 +463,66 @@ class SyncRequester:
                              shm_threshold=self._shm, handoffs=handoffs)
         return self._exchange(frames, msg_id, handoffs, deadline, timeout, try_now, wire.msg_type_of(message))
 
-    def call(self, method: str, args: dict[str, Any], *, timeout: float, try_now: bool = False) -> wire.Envelope:
-        """``request(RpcRequest(method=method, args=args), ...)`` without building the message."""
-        msg_id = wire.new_msg_id()
-        deadline = time.monotonic() + timeout
+    def call(self, method: str, args: dict[str, Any], *, timeout: float, try_now: bool = False) -> Any:
+        """The result of ``method(**args)`` on the peer: what ``request(RpcRequest(method=method,
+        args=args), ...)`` returns, unwrapped to the ``rpc_reply``'s result.
+
+        The hot path of ``Client.call``: no message instance is built, and the usual reply (see
+        ``wire.decode_rpc_reply``) is read straight from its frames. Raises ``RemoteError`` (an
+        error reply), ``MicrokernelError`` (a reply of another type), ``CallTimeout``, ``NoPeer``.
+        """
+        # Straight-line on purpose: every Python-level call here is paid twice per round trip
+        # (once running, once in the caches it evicts while the process sleeps on the reply).
+        msg_id = _new_msg_id()
+        deadline = _monotonic() + timeout
         handoffs: list[str] = []
-        frames = wire.encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id,
-                                         deadline_ns=time.time_ns() + int(timeout * 1e9),
-                                         shm_threshold=self._shm, handoffs=handoffs)
-        return self._exchange(frames, msg_id, handoffs, deadline, timeout, try_now, "rpc_request")
+        frames = self._rpc.encode(method, args, msg_id, _time_ns() + int(timeout * 1e9), self._shm, handoffs)
+        if try_now and len(frames) == 3 and not handoffs:
+            sock = self.sock
+            try:
+                _send(sock, _MAGIC, _SNDMORE | NOBLOCK, True)
+            except zmq.Again:
+                raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
+            _send(sock, frames[1], _SNDMORE, True)
+            _send(sock, frames[2], 0, True)
+        else:
+            self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
+        timeouts, max_size = self._timeouts, self.max_size
+        while True:
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise CallTimeout(f"no reply to rpc_request from {', '.join(self.endpoints)} within {timeout:g}s")
+            ms = -(-max(1, int(left * 1000)) // 10) * 10
+            if timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
+                self._set_timeout(_RCVTIMEO, ms)
+            try:
+                frames_in = recv_message(self.sock)
+            except zmq.Again:
+                raise CallTimeout(f"no reply to rpc_request from {', '.join(self.endpoints)} within {timeout:g}s") from None
+            usual = _decode_rpc_reply(frames_in, max_size)
+            if usual is not None:
+                if usual[0].parent_id == msg_id:
+                    return usual[1]
+                continue  # a late reply to an earlier request that timed out
+            env = self._reply_to(frames_in, msg_id)
+            if env is not None:
+                msg = env.message
+                if type(msg) is not messages.RpcReply:
+                    raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {env.msg_type}")
+                return msg.result
 
     def _exchange(
         self, frames: list[Any], msg_id: bytes, handoffs: list[str], deadline: float, timeout: float, try_now: bool,
         what: str,
     ) -> wire.Envelope:
         """Send ``frames`` (a request with id ``msg_id``) and return its reply, or raise."""
+        self._send_request(frames, handoffs, timeout, try_now, what)
+        while True:
+            env = self._reply_to(self._receive(deadline, timeout, what), msg_id)
+            if env is not None:
+                return env
+
+    def _send_request(self, frames: list[Any], handoffs: list[str], timeout: float, try_now: bool, what: str) -> None:
         sock = self.sock
         if try_now:
             try:
@@ -489,33 +539,39 @@ class SyncRequester:
                 if handoffs:
                     handover.reclaim(handoffs)
                 raise CallTimeout(f"could not send {what} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
-        while True:
-            # A receive timeout instead of poll()+recv(): one system call less per round trip.
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:
-                    raise zmq.Again()
-                ms = -(-max(1, int(left * 1000)) // 10) * 10
-                if self._timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
-                    self._set_timeout(_RCVTIMEO, ms)
-                frames_in = recv_message(sock)
-            except zmq.Again:
-                raise CallTimeout(f"no reply to {what} from {', '.join(self.endpoints)} within {timeout:g}s") from None
-            try:
-                env = wire.decode(frames_in, max_size=self.max_size)
-            except ProtocolError as exc:
-                header = getattr(exc, "header", None)
-                if header is not None and header.parent_id == msg_id:
-                    raise  # the reply to this request cannot be used (see AsyncRequester._on_message)
-                log.warning("dropping an undecodable reply: %s", exc)
-                continue
-            header = env.header
-            if header.parent_id == msg_id:
-                if header.status == wire.STATUS_ERROR:
-                    err = env.message
-                    raise RemoteError(err.code, err.reason, err.details)
-                return env
-            # A late reply to an earlier request that timed out: ignore it.
+
+    def _receive(self, deadline: float, timeout: float, what: str) -> list[Any]:
+        """The next inbound message, or ``CallTimeout`` at ``deadline``."""
+        # A receive timeout instead of poll()+recv(): one system call less per round trip.
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise zmq.Again()
+            ms = -(-max(1, int(left * 1000)) // 10) * 10
+            if self._timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
+                self._set_timeout(_RCVTIMEO, ms)
+            return recv_message(self.sock)
+        except zmq.Again:
+            raise CallTimeout(f"no reply to {what} from {', '.join(self.endpoints)} within {timeout:g}s") from None
+
+    def _reply_to(self, frames_in: list[Any], msg_id: bytes) -> wire.Envelope | None:
+        """The decoded reply to ``msg_id`` (``RemoteError`` for an error reply), or None when
+        ``frames_in`` is something else: a late reply to an earlier request, or undecodable."""
+        try:
+            env = wire.decode(frames_in, max_size=self.max_size)
+        except ProtocolError as exc:
+            header = getattr(exc, "header", None)
+            if header is not None and header.parent_id == msg_id:
+                raise  # the reply to this request cannot be used (see AsyncRequester._on_message)
+            log.warning("dropping an undecodable reply: %s", exc)
+            return None
+        header = env.header
+        if header.parent_id != msg_id:
+            return None  # a late reply to an earlier request that timed out: ignore it
+        if header.status == wire.STATUS_ERROR:
+            err = env.message
+            raise RemoteError(err.code, err.reason, err.details)
+        return env
 
     def close(self) -> None:
         self.sock.close(linger=0)

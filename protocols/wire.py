@@ -538,6 +538,92 @@ def encode_rpc_request(
     return [MAGIC, header, packed]
 
 
+class RpcRequestEncoder:
+    """``encode_rpc_request`` for one sender, with a deadline: the callers' hot path (``SyncRequester.call``).
+
+    The usual request (arguments without binaries or arrays, a small body) is built from the
+    sender's header layout and one packing; anything else goes through ``encode_rpc_request``.
+    Both give the same bytes.
+    """
+
+    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail")
+
+    def __init__(self, sender: str) -> None:
+        self.sender = sender
+        key = ("rpc_request", sender, None, False, True)
+        self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
+
+    def encode(self, method: str, args: dict[str, Any], msg_id: bytes, deadline_ns: int,
+               shm_threshold: int | None = None, handoffs: list[str] | None = None) -> list[Any]:
+        if (type(args) is dict and _BINARY_TYPES.isdisjoint(map(type, args.values())) and len(msg_id) == 16
+                and 0x1_0000_0000 <= deadline_ns <= _U64_MAX):
+            p = _packers
+            p.buffers = buffers = []
+            packed = p.body.pack({"method": method, "args": args})
+            if not buffers and len(packed) < INLINE_BYTES_LIMIT:
+                header = self._pack(self._head, msg_id, self._middle, _time_ns(), _DEADLINE_U64, deadline_ns, self._tail)
+                return [MAGIC, header, packed]
+        return encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
+                                  shm_threshold=shm_threshold, handoffs=handoffs)
+
+
+class RpcReplyEncoder:
+    """``encode_result`` for one sender: the data plane's hot path.
+
+    The usual result (a scalar, or a map without binaries or arrays, packing small) is built from
+    the sender's header layout and one packing; for anything else ``encode`` returns None and the
+    caller takes ``encode_result``. Both give the same bytes. Raises what packing raises
+    (``TypeError`` for a value msgpack cannot take).
+    """
+
+    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail")
+
+    def __init__(self, sender: str) -> None:
+        self.sender = sender
+        key = ("rpc_reply", sender, STATUS_OK, True, False)
+        self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
+
+    def encode(self, routing_id: bytes, request_id: bytes, result: Any) -> list[Any] | None:
+        t = type(result)
+        if ((t is dict and _BINARY_TYPES.isdisjoint(map(type, result.values())) or t in _SCALARS)
+                and len(request_id) == 16):
+            p = _packers
+            p.buffers = buffers = []
+            packed = p.body.pack({"result": result})
+            if not buffers and len(packed) < INLINE_BYTES_LIMIT:
+                header = self._pack(self._head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), self._middle, _time_ns(),
+                                    _PARENT_BIN16, request_id, self._tail)
+                return [routing_id, MAGIC, header, packed]
+        return None
+
+
+def decode_rpc_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Header, Any] | None:
+    """``(header, result)`` of a caller's usual reply, else None.
+
+    The usual reply is an ok ``rpc_reply`` on a DEALER (``[MK1, header, body]``), without buffer
+    frames, in the canonical header layout, whose body is exactly ``{result: value}``. It is
+    checked here as :func:`decode` would check it, without building the ``RpcReply`` and the
+    ``Envelope``. None means "not the usual reply" only: ``decode`` then decides (errors, other
+    types, buffers, shared memory, and anything invalid take that path).
+    """
+    if len(frames) != 3:
+        return None
+    magic, raw_header, raw_body = frames
+    if (type(raw_header) is not bytes or type(raw_body) is not bytes or magic != MAGIC
+            or (max_size is not None and 3 + len(raw_header) + len(raw_body) > max_size)):
+        return None
+    header = _decode_canonical_header(raw_header)
+    if header is None or header.status != STATUS_OK or header.msg_type != "rpc_reply":
+        return None
+    try:
+        body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
+    except Exception:
+        return None
+    if type(body) is not dict or len(body) != 1 or "result" not in body:
+        return None
+    return header, body["result"]
+
+
 def reply_type(request_type: str) -> str:
     """``start_request`` -> ``start_reply``."""
     if request_type.endswith("_request"):

@@ -106,6 +106,7 @@ class DataPlane:
         self.shm_threshold: int | None = shm_threshold if same_host and shm_threshold else None
         self._shm_accepted = same_host
         self._shm_expiry: asyncio.TimerHandle | None = None
+        self._encode_usual = wire.RpcReplyEncoder(sender).encode
         self.phase = Phase.STARTING
         self.tasks: set[asyncio.Task[None]] = set()
         self._bad_input = _Throttle()
@@ -184,6 +185,16 @@ class DataPlane:
         if type(result) is types.CoroutineType:  # a sync wrapper around an async function
             self._spawn(handler.name, result, routing, header)
             return
+        if len(routing) == 1:
+            # The usual reply, straight from the sender's header layout (else None: the general path;
+            # with nothing to hand over, shared memory never applies to it).
+            try:
+                frames = self._encode_usual(routing[0], header.msg_id, result)
+            except (TypeError, ValueError, OverflowError):
+                frames = None
+            if frames is not None:
+                self.socket.send(frames)
+                return
         self._reply(routing, header, handler.name, result)
 
     def _reply(self, routing: list[bytes], header: wire.Header, method: str, result: Any) -> None:

@@ -1,0 +1,191 @@
+"""The RPC hot paths (``RpcRequestEncoder``, ``RpcReplyEncoder``, ``decode_rpc_reply`` and
+``SyncRequester.call``) give exactly what the general encoder and decoder give, and leave
+everything unusual to them."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from unittest import mock
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocols import messages as m
+from protocols import wire
+from protocols.errors import ErrorCode, MicrokernelError, RemoteError
+from protocols.transport import NoPeer, SyncRequester
+
+NOW = 1_790_000_000_123_456_789
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def frozen(counter_start: int = 7):
+    """The clock and the id counter fixed, so that two encoders must agree byte for byte."""
+    return mock.patch.multiple(wire, _time_ns=lambda: NOW, _counter=itertools.count(counter_start))
+
+
+@settings(max_examples=200, deadline=None)
+@given(method=st.text(max_size=16), args=st.dictionaries(st.text(max_size=10), _VALUES, max_size=5),
+       deadline=st.integers(2**32, 2**64 - 1))
+def test_the_request_encoder_writes_what_encode_rpc_request_writes(method: str, args: dict, deadline: int) -> None:
+    msg_id = wire.new_msg_id()
+    with frozen():
+        fast = wire.RpcRequestEncoder("caller").encode(method, args, msg_id, deadline)
+        general = wire.encode_rpc_request(method, args, sender="caller", msg_id=msg_id, deadline_ns=deadline)
+    assert fast == general
+
+
+@pytest.mark.parametrize("args", [
+    {"blob": b"x" * 70_000},                 # a buffer frame
+    {"x": np.arange(4, dtype=np.float32)},   # an array frame
+    {"many": ["y" * 1000] * 70},             # a body past the inline limit
+])
+def test_the_request_encoder_hands_unusual_arguments_to_the_general_encoder(args: dict) -> None:
+    msg_id = wire.new_msg_id()
+    with frozen():
+        fast = wire.RpcRequestEncoder("caller").encode("m", args, msg_id, NOW + 10**9)
+        general = wire.encode_rpc_request("m", args, sender="caller", msg_id=msg_id, deadline_ns=NOW + 10**9)
+    assert [bytes(f) for f in fast] == [bytes(f) for f in general]
+    env = wire.decode([b"\x00peer", *fast])
+    assert env.message.method == "m" and set(env.message.args) == set(args)
+
+
+def _request_header() -> wire.Header:
+    return wire.decode([b"\x00peer", *wire.encode_rpc_request("m", {}, sender="caller")]).header
+
+
+@settings(max_examples=200, deadline=None)
+@given(result=_VALUES)
+def test_the_reply_encoder_writes_what_encode_result_writes_or_declines(result: object) -> None:
+    request = _request_header()
+    with frozen():
+        fast = wire.RpcReplyEncoder("svc:echo.0.1").encode(b"\x00peer", request.msg_id, result)
+    with frozen():
+        general = wire.encode_result(request, result, sender="svc:echo.0.1", routing=[b"\x00peer"])
+    if fast is None:  # declined: a list, a binary, or a map holding binaries
+        assert type(result) in (list, bytes) or (type(result) is dict and any(type(v) is bytes for v in result.values()))
+    else:
+        assert fast == general
+
+
+def test_the_reply_encoder_declines_frames_and_large_bodies() -> None:
+    encoder = wire.RpcReplyEncoder("svc")
+    request = _request_header()
+    assert encoder.encode(b"\x00peer", request.msg_id, b"x" * 70_000) is None
+    assert encoder.encode(b"\x00peer", request.msg_id, {"x": np.zeros(3)}) is None
+    assert encoder.encode(b"\x00peer", request.msg_id, {"s": "y" * 70_000}) is None
+    assert encoder.encode(b"\x00peer", request.msg_id, 42) is not None
+    with pytest.raises(TypeError):
+        encoder.encode(b"\x00peer", request.msg_id, {"x": object()})
+
+
+@settings(max_examples=200, deadline=None)
+@given(result=_VALUES)
+def test_decode_rpc_reply_agrees_with_decode(result: object) -> None:
+    request = _request_header()
+    frames = wire.encode_result(request, result, sender="svc")
+    usual = wire.decode_rpc_reply(frames, 1 << 20)
+    env = wire.decode(frames, max_size=1 << 20)
+    assert usual is not None
+    header, got = usual
+    assert header == env.header and got == env.message.result
+
+
+def _reply_frames(body: object) -> list:
+    frames = wire.encode_result(_request_header(), None, sender="svc")
+    frames[2] = msgpack.packb(body, use_bin_type=True)
+    return frames
+
+
+@pytest.mark.parametrize("frames", [
+    _reply_frames({}),                                     # result omitted: decode fills the default
+    _reply_frames({"result": 1, "extra": 2}),              # unknown field: ignored by decode
+    _reply_frames([1]),                                    # not a map
+    wire.encode_result(_request_header(), b"x" * 70_000, sender="svc"),           # a buffer frame
+    wire.encode_error(_request_header(), ErrorCode.INTERNAL, "no", sender="svc"),  # an error
+    wire.encode_reply(_request_header(), m.PingReply(version="1.3", pid=1, uptime_s=0.0), sender="svc"),              # another type
+    [b"\x00peer", *wire.encode_result(_request_header(), 1, sender="svc")],        # routing frames
+    wire.encode_result(_request_header(), 1, sender="svc")[:2],                    # truncated
+])
+def test_decode_rpc_reply_leaves_anything_unusual_to_decode(frames: list) -> None:
+    assert wire.decode_rpc_reply(frames, 1 << 20) is None
+
+
+def test_decode_rpc_reply_respects_the_size_limit() -> None:
+    frames = wire.encode_result(_request_header(), "x" * 100, sender="svc")
+    size = sum(len(f) for f in frames)
+    assert wire.decode_rpc_reply(frames, size) is not None
+    assert wire.decode_rpc_reply(frames, size - 1) is None
+
+
+class Peer:
+    """A ROUTER answering each request with the frames ``answer(header)`` returns (a list of replies)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, answer) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind(endpoint)
+        self.answer = answer
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        frames = self.sock.recv_multipart()
+        env = wire.decode(frames)
+        for reply in self.answer(env.header):
+            self.sock.send_multipart([frames[0], *reply])
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer, outcome", [
+    # a late reply to an earlier request first: ignored
+    (lambda h: [wire.encode_result(h._replace(msg_id=b"0" * 16), "stale", sender="s"),
+                wire.encode_result(h, "fresh", sender="s")], "fresh"),
+    # a reply in a layout the fast path does not know: the general decoder reads it
+    (lambda h: [[wire.MAGIC, msgpack.packb({"msg_id": b"r" * 5, "msg_type": "rpc_reply", "version": [1, 0],
+                                             "sender": "s", "ts_ns": 1, "parent_id": h.msg_id, "status": "ok"}),
+                 msgpack.packb({"result": [1, 2]})]], [1, 2]),
+    (lambda h: [wire.encode_error(h, ErrorCode.HANDLER_ERROR, "boom", sender="s")], RemoteError),
+    (lambda h: [wire.encode_reply(h, m.PingReply(version="1.3", pid=1, uptime_s=0.0), sender="s")], MicrokernelError),
+])
+def test_sync_requester_call(answer, outcome) -> None:
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://fastpath-{id(answer)}"
+    peer = Peer(ctx, endpoint, answer)
+    requester = SyncRequester(ctx, [endpoint], sender="caller")
+    try:
+        if isinstance(outcome, type):
+            with pytest.raises(outcome) as info:
+                requester.call("m", {}, timeout=10)
+            if outcome is MicrokernelError:
+                assert info.value.code == ErrorCode.MALFORMED and "ping_reply" in str(info.value)
+            else:
+                assert info.value.code == ErrorCode.HANDLER_ERROR
+        else:
+            assert requester.call("m", {}, timeout=10) == outcome
+    finally:
+        requester.close()
+        peer.close()
+
+
+def test_sync_requester_call_without_a_peer_raises_no_peer(tmp_path) -> None:
+    requester = SyncRequester(zmq.Context.instance(), [f"ipc://{tmp_path}/nobody.sock"], sender="caller", immediate=True)
+    try:
+        with pytest.raises(NoPeer):
+            requester.call("m", {}, timeout=5, try_now=True)
+    finally:
+        requester.close()
