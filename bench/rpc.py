@@ -16,8 +16,8 @@ Prints exactly one JSON line on stdout (progress on stderr). What is measured:
   ``loop.add_reader`` and drains with NOBLOCK (the fastest asyncio pattern).
   Latency rounds of the three are interleaved, so background load hits all of them alike.
 * ``*_pipelined_per_s``: one client keeping a window of 100 requests in flight (ours: the frames
-  ``SyncRequester.call`` sends, ``wire.encode_rpc_request``, and ``wire.decode`` of the replies, on
-  a DEALER connected to the endpoint from a lookup; raw: msgpack).
+  ``SyncRequester.call`` sends, ``wire.RpcRequestEncoder``, and its decoding of the replies,
+  ``wire.decode_rpc_reply``, on a DEALER connected to the endpoint from a lookup; raw: msgpack).
 * ``events_per_s``: ``bench.services:Publisher.burst`` publishes from inside an RPC handler
   (``Service.publish`` in a loop) through the kernel's XSUB/XPUB proxy to a
   ``protocols.subscription.SyncSubscriber`` that decodes every event; ``raw_pubsub_per_s``: a
@@ -107,47 +107,41 @@ def latency_ours(client: Any, n: int) -> list[int]:
 
 
 def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) -> float:
-    """Messages/s with ``window`` rpc_requests in flight on one DEALER (the SDK's wire codec)."""
-    from protocols import wire
+    """Messages/s with ``window`` rpc_requests in flight on one DEALER, with the SDK's codec and
+    frame I/O: the frames and the reply decoding of ``SyncRequester.call``."""
+    from protocols import transport, wire
 
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     for ep in endpoints:
         sock.connect(ep)
-    from protocols import transport
-
-    # What SyncRequester.call sends (the message without building an RpcRequest), and plain decode.
-    encode_rpc_request, decode = wire.encode_rpc_request, wire.decode
-    # The SDK's own frame I/O when it has helpers for it (what SyncRequester uses), else pyzmq's.
-    send_message = getattr(transport, "send_message", None)
-    recv_message = getattr(transport, "recv_message", None)
-    if send_message is None or recv_message is None:
-        def send_message(s: zmq.Socket, frames: Any) -> None:
-            s.send_multipart(frames, copy=False)
-
-        def recv_message(s: zmq.Socket) -> Any:
-            return s.recv_multipart(copy=False)
+    encode = wire.RpcRequestEncoder("bench").encode
+    decode_usual, decode = wire.decode_rpc_reply, wire.decode
+    send_message, recv_message = transport.send_message, transport.recv_message
+    new_msg_id, time_ns = wire.new_msg_id, time.time_ns
 
     def request() -> None:
-        send_message(sock, encode_rpc_request("echo", {"text": PAYLOAD_TEXT}, sender="bench"))
+        send_message(sock, encode("echo", {"text": PAYLOAD_TEXT}, new_msg_id(), time_ns() + 30_000_000_000))
 
     def recv() -> Any:
-        return recv_message(sock)
+        frames = recv_message(sock)
+        usual = decode_usual(frames, None)
+        return usual[1] if usual is not None else decode(frames).message.result
 
     request()
-    decode(recv())  # connected and served
+    recv()  # connected and served
     t0 = time.perf_counter()
     sent = 0
     for _ in range(min(window, n)):
         request()
         sent += 1
     for _ in range(n):
-        env = decode(recv())
+        result = recv()
         if sent < n:
             request()
             sent += 1
     elapsed = time.perf_counter() - t0
-    assert env.message.result["text"] == PAYLOAD_TEXT
+    assert result["text"] == PAYLOAD_TEXT
     sock.close()
     return n / elapsed
 
