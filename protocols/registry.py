@@ -89,6 +89,9 @@ def _fail(path: str, expected: str, value: Any) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_FIELD, f"field {path!r}: expected {expected}, got {shown}")
 
 
+_STR_ONLY = frozenset({str})
+
+
 def _checker(annotation: Any) -> Checker:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -152,7 +155,10 @@ def _checker(annotation: Any) -> Checker:
         def check_seq(path: str, v: Any) -> Any:
             if not isinstance(v, (list, tuple)):
                 raise _fail(path, "an array", v)
-            items = [item(f"{path}[{i}]", x) for i, x in enumerate(v)]
+            try:  # the paths of the items only matter in an error: made only then
+                items = [item(path, x) for x in v]
+            except ProtocolError:
+                items = [item(f"{path}[{i}]", x) for i, x in enumerate(v)]  # raises, naming the item
             return tuple(items) if as_tuple else items
         return check_seq
     if origin is dict or annotation is dict:
@@ -161,9 +167,10 @@ def _checker(annotation: Any) -> Checker:
             def check_free_map(path: str, v: Any) -> Any:
                 if not isinstance(v, dict):
                     raise _fail(path, "a map", v)
-                for k in v:
-                    if type(k) is not str:
-                        raise _fail(f"{path} key", "a string", k)
+                if not _STR_ONLY.issuperset(map(type, v)):  # the keys' types without a Python-level loop
+                    for k in v:
+                        if type(k) is not str:
+                            raise _fail(f"{path} key", "a string", k)
                 return v
             return check_free_map
         value = _checker(args[1])
@@ -171,12 +178,14 @@ def _checker(annotation: Any) -> Checker:
         def check_map(path: str, v: Any) -> Any:
             if not isinstance(v, dict):
                 raise _fail(path, "a map", v)
-            out = {}
-            for k, x in v.items():
-                if type(k) is not str:
-                    raise _fail(f"{path} key", "a string", k)
-                out[k] = value(f"{path}.{k}", x)
-            return out
+            if not _STR_ONLY.issuperset(map(type, v)):
+                for k in v:
+                    if type(k) is not str:
+                        raise _fail(f"{path} key", "a string", k)
+            try:  # as in check_seq: the values' paths are made only for an error
+                return {k: value(path, x) for k, x in v.items()}
+            except ProtocolError:
+                return {k: value(f"{path}.{k}", x) for k, x in v.items()}  # raises, naming the value
         return check_map
     raise TypeError(f"unsupported field annotation {annotation!r}")
 
