@@ -19,6 +19,7 @@ from protocols.subscription import AsyncSubscriber
 from protocols.transport import AsyncRequester
 
 from microkernel.client_base import (
+    PING_REQUEST,
     CONTROL_MAX_MESSAGE_SIZE,
     DEFAULT_TIMEOUT,
     READINESS_PATTERNS,
@@ -34,6 +35,7 @@ from microkernel.client_base import (
     reply_body,
     resolve_endpoint,
     service_entry,
+    status_request,
     top_rows,
 )
 from microkernel.security.keys import client_context
@@ -81,7 +83,7 @@ class AsyncClient:
         assert self._control is not None
         t = self.timeout if timeout is None else timeout
         if not self._contacted and t > self.timeout:
-            await self._request(messages.PingRequest())
+            await self._request(PING_REQUEST)
         try:
             env = await self._control.request(message, timeout=t)
         except CallTimeout:
@@ -114,11 +116,11 @@ class AsyncClient:
 
     async def ping(self) -> dict[str, Any]:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
-        return reply_body(await self._request(messages.PingRequest()))
+        return reply_body(await self._request(PING_REQUEST))
 
     async def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
         """``{kernel, services}``; one service if named; ``brief`` as in ``Client.status``."""
-        return reply_body(await self._request(messages.StatusRequest(service=service, brief=brief)))
+        return reply_body(await self._request(status_request(service, brief)))
 
     async def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""
@@ -210,7 +212,7 @@ class AsyncClient:
     async def call_args(self, service: str, method: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
         """``call`` with the RPC arguments as a dict."""
         if not self._contacted:
-            await self._request(messages.PingRequest())
+            await self._request(PING_REQUEST)
         assert self._directory is not None
         return await self._directory.call(service, method, args, timeout=self.timeout if timeout is None else timeout)
 

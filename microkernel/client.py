@@ -42,6 +42,7 @@ from protocols.transport import SyncRequester
 
 from microkernel.async_client import AsyncClient
 from microkernel.client_base import (
+    PING_REQUEST,
     CONTROL_MAX_MESSAGE_SIZE,
     DEFAULT_TIMEOUT,
     READINESS_PATTERNS,
@@ -59,6 +60,7 @@ from microkernel.client_base import (
     reply_body,
     resolve_endpoint,
     service_entry,
+    status_request,
     top_rows,
 )
 from microkernel.security.keys import client_context
@@ -107,7 +109,7 @@ class Client:
         """One control round trip; returns the typed reply body."""
         t = self.timeout if timeout is None else timeout
         if not self._contacted and t > self.timeout:
-            self._request(messages.PingRequest())  # a dead kernel must not cost a long timeout
+            self._request(PING_REQUEST)  # a dead kernel must not cost a long timeout
         try:
             env = self._control.request(message, timeout=t)
         except CallTimeout:
@@ -134,7 +136,7 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
-        return reply_body(self._request(messages.PingRequest()))
+        return reply_body(self._request(PING_REQUEST))
 
     def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
         """``{kernel, services}`` (see the StatusReply in docs/protocol.md); one service if named.
@@ -142,7 +144,7 @@ class Client:
         ``brief``: each service's name, state, desired and ready replicas and restarts only (no
         replicas, resources or endpoints): a fraction of the bytes, for health checks and polling.
         """
-        return reply_body(self._request(messages.StatusRequest(service=service, brief=brief)))
+        return reply_body(self._request(status_request(service, brief)))
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""
@@ -270,7 +272,7 @@ class Client:
     def call_args(self, service: str, method: str, args: dict[str, Any], *, timeout: float | None = None) -> Any:
         """``call`` with the RPC arguments as a dict (for names that clash with ``timeout``)."""
         if not self._contacted:
-            self._request(messages.PingRequest())  # tell "no kernel" from "slow service"
+            self._request(PING_REQUEST)  # tell "no kernel" from "slow service"
         return self._directory.call(service, method, args, timeout=self.timeout if timeout is None else timeout)
 
     # -- events --

@@ -188,6 +188,18 @@ def failed_error(name: str, entry: dict[str, Any], reason: str | None = None) ->
     return ServiceFailed(name, f"service {name!r} failed{why} ({describe_progress(entry)})", entry)
 
 
+# The requests monitoring sends in loops, their bodies packed once: only the header is made per send.
+PING_REQUEST = wire.pack_message(messages.PingRequest())
+_STATUS_REQUESTS = {brief: wire.pack_message(messages.StatusRequest(brief=brief)) for brief in (False, True)}
+
+
+def status_request(service: str | None, brief: bool) -> Any:
+    """The ``status_request`` to send (packed already when it is about every service)."""
+    if service is None:
+        return _STATUS_REQUESTS[bool(brief)]
+    return messages.StatusRequest(service=service, brief=brief)
+
+
 def reply_body(message: Any) -> dict[str, Any]:
     """A reply message as a plain dict (what the client methods return)."""
     return dict(wire.body_of(message))

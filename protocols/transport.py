@@ -90,6 +90,11 @@ def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> Non
     _send(sock, frames[last], flags, copy)
 
 
+def _label(what: Any) -> str:
+    """A request's msg_type for an error message: ``what`` is it already, or the message."""
+    return what if type(what) is str else wire.msg_type_of(what)
+
+
 def frame_size_limit(max_size: int) -> int:
     """The ZMQ_MAXMSGSIZE of a request/reply socket whose protocol limit is ``max_size`` (spec §3.3).
 
@@ -454,14 +459,19 @@ class SyncRequester:
 
         With ``try_now`` the request must leave at once or ``NoPeer`` is raised (see AsyncRequester).
         """
-        msg_id = wire.new_msg_id()
-        deadline = time.monotonic() + timeout
+        msg_id = _new_msg_id()
+        deadline = _monotonic() + timeout
         if deadline_ns is None:
-            deadline_ns = time.time_ns() + int(timeout * 1e9)
+            deadline_ns = _time_ns() + int(timeout * 1e9)
         handoffs: list[str] = []
         frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
                              shm_threshold=self._shm, handoffs=handoffs)
-        return self._exchange(frames, msg_id, handoffs, deadline, timeout, try_now, wire.msg_type_of(message))
+        # ``message`` stands for its msg_type in error messages: looked up only for one.
+        self._send_request(frames, handoffs, timeout, try_now, message)
+        while True:
+            env = self._reply_to(self._receive(deadline, timeout, message), msg_id)
+            if env is not None:
+                return env
 
     def call(self, method: str, args: dict[str, Any], *, timeout: float, try_now: bool = False) -> Any:
         """The result of ``method(**args)`` on the peer: what ``request(RpcRequest(method=method,
@@ -511,18 +521,8 @@ class SyncRequester:
                     raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {env.msg_type}")
                 return msg.result
 
-    def _exchange(
-        self, frames: list[Any], msg_id: bytes, handoffs: list[str], deadline: float, timeout: float, try_now: bool,
-        what: str,
-    ) -> wire.Envelope:
-        """Send ``frames`` (a request with id ``msg_id``) and return its reply, or raise."""
-        self._send_request(frames, handoffs, timeout, try_now, what)
-        while True:
-            env = self._reply_to(self._receive(deadline, timeout, what), msg_id)
-            if env is not None:
-                return env
-
-    def _send_request(self, frames: list[Any], handoffs: list[str], timeout: float, try_now: bool, what: str) -> None:
+    def _send_request(self, frames: list[Any], handoffs: list[str], timeout: float, try_now: bool, what: Any) -> None:
+        """Send a request's ``frames``; ``what``: its msg_type, or the message (for error messages)."""
         sock = self.sock
         if try_now:
             try:
@@ -532,15 +532,18 @@ class SyncRequester:
                     handover.reclaim(handoffs)
                 raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
         else:
-            self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
+            ms = -(-max(1, int(timeout * 1000)) // 10) * 10
+            if self._timeouts.get(_SNDTIMEO) != ms:  # as in _set_timeout; a steady caller skips the call
+                self._set_timeout(_SNDTIMEO, ms)
             try:
                 send_message(sock, frames)
             except zmq.Again:
                 if handoffs:
                     handover.reclaim(handoffs)
-                raise CallTimeout(f"could not send {what} to {', '.join(self.endpoints)} within {timeout:g}s (nobody is listening)") from None
+                raise CallTimeout(f"could not send {_label(what)} to {', '.join(self.endpoints)} within {timeout:g}s "
+                                  "(nobody is listening)") from None
 
-    def _receive(self, deadline: float, timeout: float, what: str) -> list[Any]:
+    def _receive(self, deadline: float, timeout: float, what: Any) -> list[Any]:
         """The next inbound message, or ``CallTimeout`` at ``deadline``."""
         # A receive timeout instead of poll()+recv(): one system call less per round trip.
         left = deadline - time.monotonic()
@@ -552,7 +555,7 @@ class SyncRequester:
                 self._set_timeout(_RCVTIMEO, ms)
             return recv_message(self.sock)
         except zmq.Again:
-            raise CallTimeout(f"no reply to {what} from {', '.join(self.endpoints)} within {timeout:g}s") from None
+            raise CallTimeout(f"no reply to {_label(what)} from {', '.join(self.endpoints)} within {timeout:g}s") from None
 
     def _reply_to(self, frames_in: list[Any], msg_id: bytes) -> wire.Envelope | None:
         """The decoded reply to ``msg_id`` (``RemoteError`` for an error reply), or None when

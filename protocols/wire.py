@@ -453,6 +453,8 @@ def msg_type_of(message_obj: Any) -> str:
     """The wire msg_type of a message instance or ``Event``."""
     if type(message_obj) is Event:
         return message_obj.name
+    if type(message_obj) is Packed:
+        return message_obj.msg_type
     return type_of(message_obj)
 
 
