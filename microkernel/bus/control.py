@@ -8,7 +8,6 @@ code when the sender can be addressed, or is dropped with a logged reason; it ne
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,7 +18,7 @@ import zmq
 from protocols import wire
 from protocols.errors import ErrorCode, MicrokernelError, ProtocolError
 from protocols.transport import AsyncSocket, frame_size_limit
-from microkernel.bus.limits import ControlLimiter
+from microkernel.bus.limits import ControlLimiter, is_awaitable
 from microkernel.limits import LimitSettings
 
 log = logging.getLogger("microkernel.control")
@@ -114,7 +113,9 @@ class ControlRouter:
             log.exception("handler for %s failed", env.msg_type)
             self._reply_error(env.routing, env.header, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
-        if inspect.isawaitable(result):
+        if type(result) is wire.Packed:  # the usual reply (a cached status) without the awaitable test
+            self.socket.send(wire.encode_reply(env.header, result, sender=self.sender, routing=env.routing))
+        elif is_awaitable(result):
             task = asyncio.ensure_future(self._finish(env, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
