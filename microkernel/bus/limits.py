@@ -203,25 +203,30 @@ class InflightGuard:
         """``handler`` with its asynchronous results counted (and refused past the caps)."""
         is_async = inspect.iscoroutinefunction(handler)
 
-        @functools.wraps(handler)
-        def guarded(kernel: Any, env: wire.Envelope) -> Any:
-            identity = identity_of(env.routing[0] if env.routing else b"")
-            if is_async:
+        if is_async:
+            @functools.wraps(handler)
+            def guarded(kernel: Any, env: wire.Envelope) -> Any:
+                identity = identity_of(env.routing[0] if env.routing else b"")
                 self.check(identity)  # before the handler: a refused request has done nothing
+                return self.track(identity, handler(kernel, env))
+            return guarded
+
+        @functools.wraps(handler)
+        def guarded_sync(kernel: Any, env: wire.Envelope) -> Any:
             result = handler(kernel, env)
-            if not is_awaitable(result):
+            if not is_awaitable(result):  # the usual sync reply: nothing to count
                 return result
-            if not is_async:
-                try:
-                    self.check(identity)
-                except MicrokernelError:
-                    close = getattr(result, "close", None)
-                    if close is not None:
-                        close()
-                    raise
+            identity = identity_of(env.routing[0] if env.routing else b"")
+            try:
+                self.check(identity)
+            except MicrokernelError:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise
             return self.track(identity, result)
 
-        return guarded
+        return guarded_sync
 
 
 def _same(routing_id: bytes) -> bytes:
