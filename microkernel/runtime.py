@@ -77,7 +77,7 @@ class Kernel:
     def _status_key(self) -> tuple[Any, ...]:
         standby = self.supervisor.standby
         return (status_changes.value, self.resources.status_key(), self.supervisor.shutting_down,
-                None if standby is None else tuple(standby.summary().values()))
+                None if standby is None else standby.status_key())
 
     def status_reply(self, service: str | None, brief: bool = False) -> wire.Packed:
         """The reply to a ``status_request``, packed once per change (see :mod:`microkernel.status_cache`)."""

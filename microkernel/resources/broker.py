@@ -134,6 +134,12 @@ class LeaseBroker:
         """Fail every waiter with :class:`LeaseCancelled` (kernel shutdown)."""
         self._drop(lambda _: True, reason)
 
+    def waiting(self) -> int:
+        """How many requests wait (``len(waiters())`` without building them)."""
+        if not self._queue:
+            return 0
+        return sum(1 for w in self._queue if not w.future.done())
+
     def waiters(self) -> tuple[WaiterInfo, ...]:
         """The queue in service order."""
         live = [w for w in self._queue if not w.future.done()]

@@ -371,7 +371,7 @@ class ResourceManager:
 
     def status_key(self) -> tuple[int, int, int]:
         """Changes whenever admissions, placements, leases or waiting requests change."""
-        return (self.generation, self.broker.table.generation, len(self.broker.waiters()))
+        return (self.generation, self.broker.table.generation, self.broker.waiting())
 
     def replica_view(self, key: ReplicaKey | None, holder: str) -> dict[str, Any]:
         """Per-replica resource fields of the status: last sample, leases, CPUs, GPU memory."""

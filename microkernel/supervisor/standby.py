@@ -220,6 +220,10 @@ class Standby:
         if self._retired:
             await asyncio.gather(*self._retired, return_exceptions=True)
 
+    def status_key(self) -> tuple[Any, ...]:
+        """What ``summary`` shows, as a tuple (part of the status cache's key: read per request)."""
+        return (self.enabled, self.pid, self.warm, self.taken, self.cold)
+
     def summary(self) -> dict[str, Any]:
         """For the kernel's status: whether a standby waits, and how starts were served."""
         return {"enabled": self.enabled, "pid": self.pid, "warm": self.warm and self.pid is not None,
