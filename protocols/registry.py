@@ -8,6 +8,7 @@ without reflection on the hot path.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import reprlib
 import types
 import typing
@@ -90,6 +91,17 @@ def _fail(path: str, expected: str, value: Any) -> ProtocolError:
 
 
 _STR_ONLY = frozenset({str})
+_DICT_ONLY = frozenset({dict})
+_join = "".join
+_chain = itertools.chain.from_iterable
+
+
+def _free_map(annotation: Any) -> bool:
+    """Whether ``annotation`` is a map with string keys and free-form values (``dict[str, Any]``)."""
+    if annotation is dict:
+        return True
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) is dict and (len(args) != 2 or args[1] is Any)
 
 
 def _checker(annotation: Any) -> Checker:
@@ -160,6 +172,20 @@ def _checker(annotation: Any) -> Checker:
             except ProtocolError:
                 items = [item(f"{path}[{i}]", x) for i, x in enumerate(v)]  # raises, naming the item
             return tuple(items) if as_tuple else items
+        if args and _free_map(args[0]) and not as_tuple:
+            # A list of free-form maps (status rows, service specs): checked without a call per row;
+            # anything unusual goes to check_seq, which names the problem.
+            def check_rows(path: str, v: Any) -> Any:
+                if type(v) is list and _DICT_ONLY.issuperset(map(type, v)):
+                    try:
+                        # Every key of every row is a string exactly when they can be joined: one
+                        # pass in C over all the keys (msgpack allows only str or bytes keys).
+                        _join(_chain(v))
+                        return v
+                    except TypeError:
+                        pass
+                return check_seq(path, v)
+            return check_rows
         return check_seq
     if origin is dict or annotation is dict:
         if len(args) != 2 or args[1] is Any:
