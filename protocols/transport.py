@@ -76,6 +76,31 @@ def recv_message(sock: zmq.Socket, flags: int = 0) -> list[Any]:
     return frames
 
 
+def recv_routed(sock: zmq.Socket, flags: int = 0) -> list[Any]:
+    """``recv_message`` for a ROUTER socket: the same frames, read a little cheaper.
+
+    A ROUTER prefixes every message with the sender's routing id, and a message has at least one
+    part after it, so the id is received as plain bytes without asking whether more follows.
+    """
+    routing_id = _recv(sock, flags, True)
+    frame = _recv(sock, 0, False)
+    data = frame.bytes
+    frames = [routing_id, data]
+    after_magic = 0 if data == _MAGIC else -1
+    while frame.more:
+        frame = _recv(sock, 0, False)
+        if after_magic >= 2:
+            frames.append(frame)
+            continue
+        data = frame.bytes
+        frames.append(data)
+        if after_magic >= 0:
+            after_magic += 1
+        elif data == _MAGIC:
+            after_magic = 0
+    return frames
+
+
 def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message, zero-copy only when it carries large buffers."""
     copy = True
@@ -145,7 +170,8 @@ class AsyncSocket:
         self.dropped = 0
         # How one message is read, ``receive(sock, flags) -> frames``: a subclass may read more
         # than the frames (e.g. the sender's CURVE key from their properties).
-        self.receive: Callable[[zmq.Socket, int], list[Any]] = recv_message
+        self.receive: Callable[[zmq.Socket, int], list[Any]] = (
+            recv_routed if sock.type == zmq.ROUTER else recv_message)
         self.loop.add_reader(self._fd, self._on_ready)
         # Messages may already be queued before the reader was registered.
         self._schedule_check()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import messages as m
-from protocols import wire
+from protocols import transport, wire
 from protocols.errors import ErrorCode, MicrokernelError, RemoteError
 from protocols.transport import NoPeer, SyncRequester
 
@@ -189,3 +189,42 @@ def test_sync_requester_call_without_a_peer_raises_no_peer(tmp_path) -> None:
             requester.call("m", {}, timeout=5, try_now=True)
     finally:
         requester.close()
+
+
+def _kinds(frames: list) -> list[str]:
+    return ["bytes" if type(f) is bytes else "frame" for f in frames]
+
+
+@pytest.mark.parametrize("routing_id", [None, wire.MAGIC])  # None: the ROUTER's own; MK1: a look-alike
+@pytest.mark.parametrize("frames", [
+    wire.encode_rpc_request("m", {"text": "x"}, sender="caller"),
+    wire.encode_rpc_request("m", {"blob": b"y" * 70_000}, sender="caller"),  # a buffer frame after the body
+    [b"not-mk1"],                                                             # garbage: one frame
+    [b"a", b"b", wire.MAGIC, b"h", b"b", b"z"],                               # MK1 late
+])
+def test_recv_routed_reads_the_routing_id_and_the_message(frames: list, routing_id: bytes | None) -> None:
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://routed-{id(frames)}-{routing_id}"
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    dealer = ctx.socket(zmq.DEALER)
+    if routing_id is not None:
+        dealer.setsockopt(zmq.ROUTING_ID, routing_id)
+    dealer.connect(endpoint)
+    try:
+        for _ in range(2):
+            dealer.send_multipart(frames)
+        got = transport.recv_routed(router)
+        again = transport.recv_message(router)
+        assert [bytes(f) for f in got] == [bytes(f) for f in again] == [got[0], *map(bytes, frames)]
+        # the envelope up to the body is bytes, anything after it stays a zero-copy frame
+        magic = frames.index(wire.MAGIC) if wire.MAGIC in frames else None
+        expected = ["bytes"] * (len(frames) + 1)
+        if magic is not None:
+            expected[magic + 4:] = ["frame"] * (len(frames) - magic - 3)
+        assert _kinds(got) == expected
+        if routing_id is None:
+            assert _kinds(again) == expected
+    finally:
+        dealer.close(linger=0)
+        router.close(linger=0)
