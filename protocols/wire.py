@@ -283,7 +283,8 @@ def _pack_body(body: dict[str, Any]) -> tuple[bytes, list[Any]]:
     only for deeply nested large binaries that ``_has_large_binary`` does not see).
     """
     p = _packers
-    if not _has_large_binary(body):
+    # Scalars only (most control messages): no binary to look for, and no Python-level walk.
+    if _SCALARS.issuperset(map(type, body.values())) or not _has_large_binary(body):
         p.buffers = buffers = []
         packed = p.body.pack(body)
         if len(packed) < INLINE_BYTES_LIMIT:
@@ -478,6 +479,16 @@ def pack_message(message_obj: Any) -> Packed:
     return Packed(msg_type_of(message_obj), packed)
 
 
+_codecs: dict[type, tuple[str, Any]] = {}
+
+
+def _codec(message_obj: Any) -> tuple[str, Any]:
+    """(msg_type, body getter) of a registered message's class, remembered: one lookup per send."""
+    cls = type(message_obj)
+    codec = _codecs[cls] = (type_of(message_obj), body_getter(cls))  # TypeError: not a message
+    return codec
+
+
 def encode(
     message_obj: Any,
     *,
@@ -503,8 +514,11 @@ def encode(
         header = _pack_header(message_obj.msg_type, sender, msg_id, parent_id, deadline_ns, status)
         return [*routing, *((topic.encode(),) if topic is not None else ()), MAGIC, header, message_obj.body]
     else:
-        msg_type = type_of(message_obj)
-        body = body_getter(type(message_obj))(message_obj)
+        codec = _codecs.get(type(message_obj))
+        if codec is None:
+            codec = _codec(message_obj)
+        msg_type = codec[0]
+        body = codec[1](message_obj)
     header = _pack_header(msg_type, sender, msg_id, parent_id, deadline_ns, status)
     if shm_threshold is None or topic is not None:
         packed, buffers = _pack_body(body)
