@@ -96,7 +96,9 @@ class ControlRouter:
             self._reply_error(env.routing, env.header, ErrorCode.UNKNOWN_TYPE,
                               f"{env.msg_type} is not a request the kernel handles")
             return
-        if self.guard is not None and (denied := self.guard.check(env, self.socket)) is not None:
+        guard = self.guard
+        if (guard is not None and env.header.msg_type not in guard.free
+                and (denied := guard.check(env, self.socket)) is not None):
             self._reply_error(env.routing, env.header, ErrorCode.FORBIDDEN, denied)
             return
         deadline = env.header.deadline_ns

@@ -45,8 +45,9 @@ class Guard:
         self.configured_entries = configured_entries
         self._prepare = prepare
         # On ipc everyone has the same role: the request types it may send without an audit line
-        # (reads; the service messages for an admin) are answered by one set lookup.
-        self._free: frozenset[str] = frozenset() if remote else frozenset(
+        # (reads; the service messages for an admin) are answered by one set lookup (the control
+        # router makes it before calling ``check``).
+        self.free: frozenset[str] = frozenset() if remote else frozenset(
             msg_type for msg_type, req in REQUIREMENTS.items()
             if req.needs is Role.READER or (req.needs == SERVICE and settings.ipc_role is Role.ADMIN)
         )
@@ -63,7 +64,7 @@ class Guard:
 
     def check(self, env: Envelope, socket: Any) -> str | None:
         """None when the request may proceed, else the reason of the ``forbidden`` reply (audited)."""
-        if env.header.msg_type in self._free:
+        if env.header.msg_type in self.free:
             return None
         req = requirement(env.msg_type)
         needs, action = req.needs, req.action
