@@ -84,15 +84,11 @@ class Kernel:
         names = None if service is None else [service]
         if service is not None:
             self.supervisor.service(service)  # an unknown name is an error, never a cached reply
-        request = (service, True) if brief else service
-        reply = self._status.cached(request)  # the usual case: no closure to make
-        if reply is not None:
-            return reply
         if brief:
-            message = m.StatusReply(kernel=self.brief_summary(), services=self.supervisor.status(names, brief=True))
-        else:
-            message = m.StatusReply(kernel=self.summary(), services=self.supervisor.status(names))
-        return self._status.store(request, wire.pack_message(message))
+            return self._status.get((service, True), lambda: wire.pack_message(
+                m.StatusReply(kernel=self.brief_summary(), services=self.supervisor.status(names, brief=True))))
+        return self._status.get(service, lambda: wire.pack_message(
+            m.StatusReply(kernel=self.summary(), services=self.supervisor.status(names))))
 
     def brief_summary(self) -> dict[str, Any]:
         """The ``kernel`` map of a brief status reply."""

@@ -31,22 +31,13 @@ class StatusCache:
 
     def get(self, request: Hashable, build: Callable[[], Any]) -> Any:
         """The cached reply to ``request``, or ``build()`` when something changed (which is cached)."""
-        reply = self.cached(request)
-        if reply is None:
-            reply = self._replies[request] = build()
-        return reply
-
-    def cached(self, request: Hashable) -> Any:
-        """The cached reply to ``request`` if it is still valid, else None (then ``store`` one)."""
         now = self._clock()
         key = self._key()
         if key != self._current or now >= self._expires:
             self._replies.clear()
             self._current = key
             self._expires = now + self._ttl
-        return self._replies.get(request)
-
-    def store(self, request: Hashable, reply: Any) -> Any:
-        """Remember ``reply`` to ``request`` (until the next change); returns it."""
-        self._replies[request] = reply
+        reply = self._replies.get(request)
+        if reply is None:
+            reply = self._replies[request] = build()
         return reply

@@ -37,20 +37,6 @@ def test_a_reply_is_built_once_until_the_key_changes_or_the_ttl_passes() -> None
     assert cache.get("echo", build) == {"n": 5}  # the whole cache expired together
 
 
-def test_cached_and_store_follow_the_same_rules_as_get() -> None:
-    clock, key = Clock(), [0]
-    cache = StatusCache(lambda: key[0], ttl=0.1, clock=clock)
-    assert cache.cached(None) is None
-    assert cache.store(None, "a") == "a"
-    assert cache.cached(None) == "a"
-    assert cache.get(None, lambda: "built") == "a"
-    key[0] = 1
-    assert cache.cached(None) is None  # something changed
-    cache.store(None, "b")
-    clock.now = 0.1
-    assert cache.cached(None) is None  # too old
-
-
 def test_changes_to_status_fields_of_a_replica_are_counted_and_others_are_not() -> None:
     rep = ReplicaRecord(service="echo", index=0, backoff=Backoff(BackoffSpec()))
     before = status_changes.value
