@@ -495,34 +495,14 @@ class SyncRequester:
         ``wire.decode_rpc_reply``) is read straight from its frames. Raises ``RemoteError`` (an
         error reply), ``MicrokernelError`` (a reply of another type), ``CallTimeout``, ``NoPeer``.
         """
-        # Straight-line on purpose: every Python-level call here is paid twice per round trip
-        # (once running, once in the caches it evicts while the process sleeps on the reply).
         msg_id = _new_msg_id()
         deadline = _monotonic() + timeout
         handoffs: list[str] = []
         frames = self._rpc.encode(method, args, msg_id, _time_ns() + int(timeout * 1e9), self._shm, handoffs)
-        if try_now and len(frames) == 3 and not handoffs:
-            sock = self.sock
-            try:
-                _send(sock, _MAGIC, _SNDMORE | NOBLOCK, True)
-            except zmq.Again:
-                raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
-            _send(sock, frames[1], _SNDMORE, True)
-            _send(sock, frames[2], 0, True)
-        else:
-            self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
-        timeouts, max_size = self._timeouts, self.max_size
+        self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
+        max_size = self.max_size
         while True:
-            left = deadline - _monotonic()
-            if left <= 0:
-                raise CallTimeout(f"no reply to rpc_request from {', '.join(self.endpoints)} within {timeout:g}s")
-            ms = -(-max(1, int(left * 1000)) // 10) * 10
-            if timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
-                self._set_timeout(_RCVTIMEO, ms)
-            try:
-                frames_in = recv_message(self.sock)
-            except zmq.Again:
-                raise CallTimeout(f"no reply to rpc_request from {', '.join(self.endpoints)} within {timeout:g}s") from None
+            frames_in = self._receive(deadline, timeout, "rpc_request")
             usual = _decode_rpc_reply(frames_in, max_size)
             if usual is not None:
                 if usual[0].parent_id == msg_id:
@@ -546,9 +526,7 @@ class SyncRequester:
                     handover.reclaim(handoffs)
                 raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
         else:
-            ms = -(-max(1, int(timeout * 1000)) // 10) * 10
-            if self._timeouts.get(_SNDTIMEO) != ms:  # as in _set_timeout; a steady caller skips the call
-                self._set_timeout(_SNDTIMEO, ms)
+            self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
             try:
                 send_message(sock, frames)
             except zmq.Again:
@@ -560,7 +538,7 @@ class SyncRequester:
     def _receive(self, deadline: float, timeout: float, what: Any) -> list[Any]:
         """The next inbound message, or ``CallTimeout`` at ``deadline``."""
         # A receive timeout instead of poll()+recv(): one system call less per round trip.
-        left = deadline - time.monotonic()
+        left = deadline - _monotonic()
         try:
             if left <= 0:
                 raise zmq.Again()
