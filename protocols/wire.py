@@ -554,6 +554,18 @@ def encode_rpc_request(
     return [MAGIC, header, packed]
 
 
+def _pack_inline(body: dict[str, Any]) -> bytes | None:
+    """``body`` packed, when it needs no buffer frame and stays below the inline limit; else None.
+
+    For the RPC encoders, whose callers have checked that no top-level value is a binary."""
+    p = _packers
+    p.buffers = buffers = []
+    packed = p.body.pack(body)
+    if buffers or len(packed) >= INLINE_BYTES_LIMIT:
+        return None
+    return packed
+
+
 class RpcRequestEncoder:
     """``encode_rpc_request`` for one sender, with a deadline: the callers' hot path (``SyncRequester.call``).
 
@@ -573,10 +585,8 @@ class RpcRequestEncoder:
                shm_threshold: int | None = None, handoffs: list[str] | None = None) -> list[Any]:
         if (type(args) is dict and _BINARY_TYPES.isdisjoint(map(type, args.values())) and len(msg_id) == 16
                 and 0x1_0000_0000 <= deadline_ns <= _U64_MAX):
-            p = _packers
-            p.buffers = buffers = []
-            packed = p.body.pack({"method": method, "args": args})
-            if not buffers and len(packed) < INLINE_BYTES_LIMIT:
+            packed = _pack_inline({"method": method, "args": args})
+            if packed is not None:
                 header = self._pack(self._head, msg_id, self._middle, _time_ns(), _DEADLINE_U64, deadline_ns, self._tail)
                 return [MAGIC, header, packed]
         return encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
@@ -603,10 +613,8 @@ class RpcReplyEncoder:
         t = type(result)
         if ((t is dict and _BINARY_TYPES.isdisjoint(map(type, result.values())) or t in _SCALARS)
                 and len(request_id) == 16):
-            p = _packers
-            p.buffers = buffers = []
-            packed = p.body.pack({"result": result})
-            if not buffers and len(packed) < INLINE_BYTES_LIMIT:
+            packed = _pack_inline({"result": result})
+            if packed is not None:
                 header = self._pack(self._head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), self._middle, _time_ns(),
                                     _PARENT_BIN16, request_id, self._tail)
                 return [routing_id, MAGIC, header, packed]
