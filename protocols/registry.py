@@ -104,6 +104,14 @@ def _free_map(annotation: Any) -> bool:
     return typing.get_origin(annotation) is dict and (len(args) != 2 or args[1] is Any)
 
 
+def _check_keys(path: str, v: dict[Any, Any]) -> None:
+    """Every key of the map ``v`` is a string (their types checked without a Python-level loop)."""
+    if not _STR_ONLY.issuperset(map(type, v)):
+        for k in v:
+            if type(k) is not str:
+                raise _fail(f"{path} key", "a string", k)
+
+
 def _checker(annotation: Any) -> Checker:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -193,10 +201,7 @@ def _checker(annotation: Any) -> Checker:
             def check_free_map(path: str, v: Any) -> Any:
                 if not isinstance(v, dict):
                     raise _fail(path, "a map", v)
-                if not _STR_ONLY.issuperset(map(type, v)):  # the keys' types without a Python-level loop
-                    for k in v:
-                        if type(k) is not str:
-                            raise _fail(f"{path} key", "a string", k)
+                _check_keys(path, v)
                 return v
             return check_free_map
         value = _checker(args[1])
@@ -204,10 +209,7 @@ def _checker(annotation: Any) -> Checker:
         def check_map(path: str, v: Any) -> Any:
             if not isinstance(v, dict):
                 raise _fail(path, "a map", v)
-            if not _STR_ONLY.issuperset(map(type, v)):
-                for k in v:
-                    if type(k) is not str:
-                        raise _fail(f"{path} key", "a string", k)
+            _check_keys(path, v)
             try:  # as in check_seq: the values' paths are made only for an error
                 return {k: value(path, x) for k, x in v.items()}
             except ProtocolError:
