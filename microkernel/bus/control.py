@@ -115,9 +115,8 @@ class ControlRouter:
             log.exception("handler for %s failed", env.msg_type)
             self._reply_error(env.routing, env.header, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
-        if type(result) is wire.Packed:  # the usual reply (a cached status) without the awaitable test
-            self.socket.send(wire.encode_reply(env.header, result, sender=self.sender, routing=env.routing))
-        elif is_awaitable(result):
+        # A Packed reply (the cached status, the usual one) skips the awaitable test.
+        if type(result) is not wire.Packed and is_awaitable(result):
             task = asyncio.ensure_future(self._finish(env, result))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
