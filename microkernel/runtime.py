@@ -104,15 +104,10 @@ class Kernel:
     def summary(self) -> dict[str, Any]:
         """The ``kernel`` map of a status reply."""
         return {
-            "version": self.version,
-            "pid": self.pid,
-            "uptime_s": self.uptime_s,
+            **self.brief_summary(),
             "runtime_dir": str(self.rundir.path),
             "control": self.endpoints.control,
             "events": self.endpoints.events_out,
-            "services": len(self.supervisor.services),
-            "replicas": self.supervisor.counts(),
-            "shutting_down": self.supervisor.shutting_down,
             "thread_pool_size": self.settings.thread_pool_size,
             "resources": self.resources.summary(),
             "standby": self.supervisor.standby.summary() if self.supervisor.standby is not None else None,
