@@ -31,7 +31,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from protocols import messages, wire
@@ -57,7 +57,6 @@ from microkernel.client_base import (
     lifecycle_timeout,
     no_reply,
     readiness,
-    reply_body,
     resolve_endpoint,
     service_entry,
     status_request,
@@ -107,17 +106,24 @@ class Client:
 
     def _request(self, message: Any, timeout: float | None = None) -> Any:
         """One control round trip; returns the typed reply body."""
+        return self._round_trip(self._control.request, message, timeout).message
+
+    def _request_map(self, message: Any, timeout: float | None = None) -> dict[str, Any]:
+        """One control round trip; returns the reply's fields as a plain dict."""
+        return self._round_trip(self._control.request_map, message, timeout)
+
+    def _round_trip(self, exchange: Callable[..., Any], message: Any, timeout: float | None) -> Any:
         t = self.timeout if timeout is None else timeout
         if not self._contacted and t > self.timeout:
             self._request(PING_REQUEST)  # a dead kernel must not cost a long timeout
         try:
-            env = self._control.request(message, timeout=t)
+            reply = exchange(message, timeout=t)
         except CallTimeout:
             if not self._contacted:
                 raise no_reply(self.endpoint, t) from None
             raise
         self._contacted = True
-        return env.message
+        return reply
 
     def _events_url(self) -> str:
         if self._events_endpoint is None:
@@ -136,7 +142,7 @@ class Client:
 
     def ping(self) -> dict[str, Any]:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
-        return reply_body(self._request(PING_REQUEST))
+        return self._request_map(PING_REQUEST)
 
     def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
         """``{kernel, services}`` (see the StatusReply in docs/protocol.md); one service if named.
@@ -144,7 +150,7 @@ class Client:
         ``brief``: each service's name, state, desired and ready replicas and restarts only (no
         replicas, resources or endpoints): a fraction of the bytes, for health checks and polling.
         """
-        return reply_body(self._request(status_request(service, brief)))
+        return self._request_map(status_request(service, brief))
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""
@@ -152,28 +158,28 @@ class Client:
 
     def start(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Start a service; with ``wait`` the reply comes once it is ready. ``{service, state}``."""
-        return reply_body(self._request(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+        return self._request_map(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout))
 
     def stop(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop every replica of a service (SIGTERM, SIGKILL after its grace). ``{service, state}``."""
-        return reply_body(self._request(messages.StopRequest(service=name), lifecycle_timeout(timeout)))
+        return self._request_map(messages.StopRequest(service=name), lifecycle_timeout(timeout))
 
     def restart(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop then start a service. ``{service, state}``."""
-        return reply_body(self._request(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+        return self._request_map(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout))
 
     def scale(self, name: str, replicas: int, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Change the replica count. ``{service, replicas, previous}``."""
         msg = messages.ScaleRequest(service=name, replicas=replicas, wait=wait)
-        return reply_body(self._request(msg, lifecycle_timeout(timeout)))
+        return self._request_map(msg, lifecycle_timeout(timeout))
 
     def lookup(self, name: str) -> dict[str, Any]:
         """Where a service is served: ``{service, endpoints, methods, ready, replicas}``."""
-        return reply_body(self._request(messages.LookupRequest(service=name)))
+        return self._request_map(messages.LookupRequest(service=name))
 
     def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
-        return reply_body(self._request(messages.ShutdownRequest()))
+        return self._request_map(messages.ShutdownRequest())
 
     def add_service(
         self,
@@ -193,11 +199,11 @@ class Client:
         """
         msg = messages.AddServiceRequest(name=name, entry=entry, command=None if command is None else builtins.list(command),
                                          replicas=replicas, config=config or {}, options=options or {})
-        return reply_body(self._request(msg, lifecycle_timeout(timeout)))
+        return self._request_map(msg, lifecycle_timeout(timeout))
 
     def remove_service(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop every replica of a service and forget it. ``{name}``."""
-        return reply_body(self._request(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout)))
+        return self._request_map(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout))
 
     def reload(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Re-read the kernel's configuration file and apply the difference.
@@ -205,7 +211,7 @@ class Client:
         ``{source, started, stopped, restarted, scaled, updated, unchanged, warnings}``; an invalid
         file raises ``RemoteError`` with code ``invalid_config`` and nothing changes.
         """
-        return reply_body(self._request(messages.ReloadRequest(), lifecycle_timeout(timeout)))
+        return self._request_map(messages.ReloadRequest(), lifecycle_timeout(timeout))
 
     def logs(
         self,
@@ -222,7 +228,7 @@ class Client:
         records written since, the kernel waiting up to ``wait_s`` seconds for some (following).
         """
         request = messages.LogsRequest(service=service, lines=lines, replica=replica, cursor=cursor, wait_s=wait_s)
-        return reply_body(self._request(request, self.timeout + wait_s))
+        return self._request_map(request, self.timeout + wait_s)
 
     # -- resources --
 
@@ -232,7 +238,7 @@ class Client:
 
     def leases(self) -> dict[str, Any]:
         """The GPU inventory: ``{source, devices, leases, holders, waiters, skipped}``."""
-        return reply_body(self._request(messages.LeasesRequest()))
+        return self._request_map(messages.LeasesRequest())
 
     def acquire_lease(
         self,
@@ -252,7 +258,7 @@ class Client:
         ``pid`` exits, when given. Raises ``RemoteError`` with code ``timeout`` when not granted in time.
         """
         request, wait = lease_acquire(count, memory, mode, priority, timeout, pid, self.timeout)
-        return reply_body(self._request(request, wait))
+        return self._request_map(request, wait)
 
     def release_lease(self, lease_id: str) -> bool:
         """Give a lease back; False if it was not held (already released, or its process exited)."""

@@ -252,6 +252,16 @@ def builder_of(cls: type[T]) -> Callable[[Any], T]:
     return builder
 
 
+def map_builder_of(cls: type) -> Callable[[Any], dict[str, Any]]:
+    """A function checking a decoded body as ``build(cls, body)`` does, returning the map that
+    ``body_getter(cls)`` would return for the built instance (every field, defaults filled in,
+    unknown keys left out), without making the instance: for receivers that want the map."""
+    builder = _MAP_BUILDERS.get(cls)
+    if builder is None:
+        builder = _MAP_BUILDERS[cls] = _compile_builder(cls, into_map=True)
+    return builder
+
+
 def body_getter(cls: type) -> Callable[[Any], dict[str, Any]]:
     """A function returning the msgpack map (field name -> value) of an instance of ``cls``."""
     getter = _GETTERS.get(cls)
@@ -266,19 +276,21 @@ def body_getter(cls: type) -> Callable[[Any], dict[str, Any]]:
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
 _BUILDERS: dict[type, Callable[[Any], Any]] = {}
+_MAP_BUILDERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 _GETTERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 
 # Field types checked inline by the generated builders; anything else calls its compiled checker.
 _INLINE_TYPES = {str: "str", int: "int", bool: "bool"}
 
 
-def _compile_builder(cls: type) -> Callable[[Any], Any]:
+def _compile_builder(cls: type, into_map: bool = False) -> Callable[[Any], Any]:
     """Generate a builder for ``cls``: one straight-line function per message class.
 
     It is what ``dataclasses`` does for ``__init__``, for the same reason: a loop over a field table
     costs several times more per message than straight-line code. The instance is made without
     calling ``__init__`` (frozen dataclasses route every field through ``object.__setattr__``
-    anyway); every field is set, from the body or from its default.
+    anyway); every field is set, from the body or from its default. ``into_map``: the checked
+    fields go into a new map (in field order) instead of an instance.
     """
     hints = typing.get_type_hints(cls)
     namespace: dict[str, Any] = {
@@ -286,7 +298,7 @@ def _compile_builder(cls: type) -> Callable[[Any], Any]:
         "missing": _missing, "not_a_map": _not_a_map,
     }
     lines = ["def build(body):", "    if type(body) is not dict:", "        raise not_a_map(cls, body)",
-             "    get = body.get", "    o = new(cls)"]
+             "    get = body.get", "    o = {}" if into_map else "    o = new(cls)"]
     for i, (name, check, default) in enumerate(_schema(cls)):
         namespace[f"check{i}"] = check
         lines.append(f"    v = get({name!r}, MISSING)")
@@ -306,7 +318,7 @@ def _compile_builder(cls: type) -> Callable[[Any], Any]:
         else:
             lines.append("    else:")
             lines.append(f"        v = check{i}({name!r}, v)")
-        lines.append(f"    setattr(o, {name!r}, v)")
+        lines.append(f"    o[{name!r}] = v" if into_map else f"    setattr(o, {name!r}, v)")
     lines.append("    return o")
     exec("\n".join(lines) + "\n", namespace)  # noqa: S102 - generated from the dataclass fields only
     return namespace["build"]

@@ -24,13 +24,13 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import msgpack
 
 from protocols import handover, messages, shm
 from protocols.errors import ErrorCode, ProtocolError
-from protocols.registry import body_getter, build, builder_of, class_for, type_of
+from protocols.registry import body_getter, build, builder_of, class_for, map_builder_of, type_of
 
 MAGIC = b"MK1"
 PROTOCOL_VERSION = (1, 3)
@@ -621,6 +621,25 @@ class RpcReplyEncoder:
         return None
 
 
+def _usual_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Header, dict[str, Any]] | None:
+    """``(header, body)`` of an ok reply on a DEALER (``[MK1, header, body]``) without buffer
+    frames, in the canonical header layout, whose body unpacks to a map; else None."""
+    if len(frames) != 3:
+        return None
+    magic, raw_header, raw_body = frames
+    if (type(raw_header) is not bytes or type(raw_body) is not bytes or magic != MAGIC
+            or (max_size is not None and 3 + len(raw_header) + len(raw_body) > max_size)):
+        return None
+    header = _decode_canonical_header(raw_header)
+    if header is None or header.status != STATUS_OK:
+        return None
+    try:
+        body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
+    except Exception:
+        return None
+    return (header, body) if type(body) is dict else None
+
+
 def decode_rpc_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Header, Any] | None:
     """``(header, result)`` of a caller's usual reply, else None.
 
@@ -630,22 +649,35 @@ def decode_rpc_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Heade
     ``Envelope``. None means "not the usual reply" only: ``decode`` then decides (errors, other
     types, buffers, shared memory, and anything invalid take that path).
     """
-    if len(frames) != 3:
+    usual = _usual_reply(frames, max_size)
+    if usual is None:
         return None
-    magic, raw_header, raw_body = frames
-    if (type(raw_header) is not bytes or type(raw_body) is not bytes or magic != MAGIC
-            or (max_size is not None and 3 + len(raw_header) + len(raw_body) > max_size)):
-        return None
-    header = _decode_canonical_header(raw_header)
-    if header is None or header.status != STATUS_OK or header.msg_type != "rpc_reply":
-        return None
-    try:
-        body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
-    except Exception:
-        return None
-    if type(body) is not dict or len(body) != 1 or "result" not in body:
+    header, body = usual
+    if header.msg_type != "rpc_reply" or len(body) != 1 or "result" not in body:
         return None
     return header, body["result"]
+
+
+def decode_reply_map(frames: Sequence[Any], max_size: int | None) -> tuple[Header, dict[str, Any]] | None:
+    """``(header, body map)`` of a caller's usual reply of a registered type, else None.
+
+    The usual reply is as for :func:`decode_rpc_reply` (an ok reply on a DEALER, no buffer frames,
+    the canonical header) of any registered type. Its body is checked as :func:`decode` checks it
+    and returned as the map ``body_of`` would give for the decoded message, without building the
+    message and the ``Envelope``: what the clients return. None means "not the usual reply" only:
+    ``decode`` then decides, and explains what is wrong if anything is.
+    """
+    usual = _usual_reply(frames, max_size)
+    if usual is None:
+        return None
+    header, body = usual
+    builder = _map_builders[header.msg_type]
+    if builder is None:
+        return None
+    try:
+        return header, builder(body)
+    except ProtocolError:
+        return None
 
 
 def reply_type(request_type: str) -> str:
@@ -1130,17 +1162,22 @@ def decode_rpc_request(frames: Sequence[Any], max_size: int | None) -> tuple[lis
 
 
 class _Builders(dict):  # type: ignore[type-arg]
-    """msg_type -> the registry's builder of its class (None for unregistered types), filled on use."""
+    """msg_type -> ``make(cls)`` of its registered class (None for unregistered types), filled on use."""
+
+    def __init__(self, make: Callable[[type], Any]) -> None:
+        super().__init__()
+        self.make = make
 
     def __missing__(self, msg_type: str) -> Any:
         cls = class_for(msg_type)
-        builder = None if cls is None else builder_of(cls)
+        builder = None if cls is None else self.make(cls)
         if len(self) < _TEMPLATE_LIMIT:
             self[msg_type] = builder
         return builder
 
 
-_builders = _Builders()
+_builders = _Builders(builder_of)
+_map_builders = _Builders(map_builder_of)
 
 
 def _decode_body(raw: Any, header: Header, buffers: list[Any], topic_name: str | None, shm_allowed: bool = True) -> Any:
