@@ -168,13 +168,20 @@ class AsyncSocket:
     def _on_ready(self) -> None:
         if self._closed:
             return
-        self._check()
+        if self._outbox:
+            self._check()  # POLLOUT may let the queued replies out first
+            return
+        # The FD wakes the loop when ZeroMQ has queued commands for the socket, and nearly always
+        # (> 99 % in a request/reply exchange) because a message arrived: receiving at once saves
+        # the EVENTS read (≈ 2.6 µs) per message; the rare wake-up without one costs a failed receive.
+        self._drain()
 
     def _drain(self) -> None:
-        """Receive and handle messages; the caller has just seen POLLIN in EVENTS."""
+        """Receive and handle messages; the FD has woken the loop, or EVENTS has shown POLLIN."""
         # A lone message is the common case: after it, one EVENTS read (which also re-arms the
         # edge-triggered FD) says whether more is queued, much cheaper than a receive that fails
         # with zmq.Again. Once a burst shows, receiving until EAGAIN is cheaper than asking first.
+        # (A receive, failed or not, processes the socket's commands: the FD is re-armed either way.)
         sock = self.sock
         receive = self.receive
         self._draining = True
