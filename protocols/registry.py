@@ -279,8 +279,20 @@ _BUILDERS: dict[type, Callable[[Any], Any]] = {}
 _MAP_BUILDERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 _GETTERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
 
-# Field types checked inline by the generated builders; anything else calls its compiled checker.
-_INLINE_TYPES = {str: "str", int: "int", bool: "bool"}
+# Field types checked inline by the generated builders (also as ``T | None``); anything else calls
+# its compiled checker. (A float field's checker also takes an integer, converted: only then is it called.)
+_INLINE_TYPES = {str: "str", int: "int", bool: "bool", float: "float"}
+
+
+def _inline(hint: Any) -> tuple[str | None, bool]:
+    """(the builtin's name a value of ``hint`` is checked against inline, or None; whether None is allowed)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if len(args) == 2 and type(None) in args:
+            inner = args[0] if args[1] is type(None) else args[1]
+            return _INLINE_TYPES.get(inner), True
+        return None, False
+    return _INLINE_TYPES.get(hint), False
 
 
 def _compile_builder(cls: type, into_map: bool = False) -> Callable[[Any], Any]:
@@ -309,11 +321,11 @@ def _compile_builder(cls: type, into_map: bool = False) -> Callable[[Any], Any]:
             namespace[f"default{i}"] = default
             factory = callable(default) and _is_factory(cls, name)
             lines.append(f"        v = default{i}()" if factory else f"        v = default{i}")
-        inline = _INLINE_TYPES.get(hints[name])  # type: ignore[call-overload]
+        inline, optional = _inline(hints[name])
         if hints[name] is Any:
             pass
         elif inline is not None:
-            lines.append(f"    elif type(v) is not {inline}:")
+            lines.append(f"    elif {'v is not None and ' if optional else ''}type(v) is not {inline}:")
             lines.append(f"        v = check{i}({name!r}, v)")
         else:
             lines.append("    else:")

@@ -151,6 +151,9 @@ class RateLimiter:
         return True
 
 
+_Packed = wire.Packed
+
+
 def is_awaitable(result: Any) -> bool:
     """``inspect.isawaitable`` for what handlers return, without its abstract-class check (which
     costs more than the rest of a ping's handling): a type attribute lookup, the same rule."""
@@ -214,7 +217,7 @@ class InflightGuard:
         @functools.wraps(handler)
         def guarded_sync(kernel: Any, env: wire.Envelope) -> Any:
             result = handler(kernel, env)
-            if not is_awaitable(result):  # the usual sync reply: nothing to count
+            if type(result) is _Packed or not is_awaitable(result):  # the usual sync reply: nothing to count
                 return result
             identity = identity_of(env.routing[0] if env.routing else b"")
             try:
