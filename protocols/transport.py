@@ -495,17 +495,8 @@ class SyncRequester:
         frames, without building the reply message and its envelope. Raises as ``request``.
         """
         msg_id, deadline = self._start(message, timeout, deadline_ns, try_now)
-        max_size = self.max_size
-        while True:
-            frames_in = self._receive(deadline, timeout, message)
-            usual = _decode_reply_map(frames_in, max_size)
-            if usual is not None:
-                if usual[0].parent_id == msg_id:
-                    return usual[1]
-                continue  # a late reply to an earlier request that timed out
-            env = self._reply_to(frames_in, msg_id)
-            if env is not None:
-                return wire.body_of(env.message)
+        body, env = self._await_reply(msg_id, deadline, timeout, message, _decode_reply_map)
+        return body if env is None else wire.body_of(env.message)
 
     def _start(self, message: Any, timeout: float, deadline_ns: int | None, try_now: bool) -> tuple[bytes, float]:
         """Encode and send a request: its msg_id, and the ``time.monotonic()`` its reply is due by."""
@@ -533,20 +524,31 @@ class SyncRequester:
         handoffs: list[str] = []
         frames = self._rpc.encode(method, args, msg_id, _time_ns() + int(timeout * 1e9), self._shm, handoffs)
         self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
+        result, env = self._await_reply(msg_id, deadline, timeout, "rpc_request", _decode_rpc_reply)
+        if env is None:
+            return result
+        msg = env.message
+        if type(msg) is not messages.RpcReply:
+            raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {env.msg_type}")
+        return msg.result
+
+    def _await_reply(self, msg_id: bytes, deadline: float, timeout: float, what: Any,
+                     decode_usual: Callable[[list[Any], int | None], tuple[wire.Header, Any] | None],
+                     ) -> tuple[Any, wire.Envelope | None]:
+        """The reply to ``msg_id``: ``(value, None)`` when ``decode_usual`` reads it, else ``(None,
+        envelope)`` from the general decoder (which raises for an error reply). Late replies to
+        earlier requests that timed out are skipped; ``what`` names the request in a timeout."""
         max_size = self.max_size
         while True:
-            frames_in = self._receive(deadline, timeout, "rpc_request")
-            usual = _decode_rpc_reply(frames_in, max_size)
+            frames_in = self._receive(deadline, timeout, what)
+            usual = decode_usual(frames_in, max_size)
             if usual is not None:
                 if usual[0].parent_id == msg_id:
-                    return usual[1]
-                continue  # a late reply to an earlier request that timed out
+                    return usual[1], None
+                continue
             env = self._reply_to(frames_in, msg_id)
             if env is not None:
-                msg = env.message
-                if type(msg) is not messages.RpcReply:
-                    raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {env.msg_type}")
-                return msg.result
+                return None, env
 
     def _send_request(self, frames: list[Any], handoffs: list[str], timeout: float, try_now: bool, what: Any) -> None:
         """Send a request's ``frames``; ``what``: its msg_type, or the message (for error messages)."""

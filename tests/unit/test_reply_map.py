@@ -18,9 +18,9 @@ from protocols import messages as m
 from protocols import wire
 from protocols.errors import ErrorCode, ProtocolError, RemoteError
 from protocols.registry import build, map_builder_of
-from protocols.transport import AsyncSocket, SyncRequester
+from protocols.transport import AsyncSocket
 from tests.unit.test_wire import ALL, message_strategy, msgpack_values
-from tests.unit.test_wire_rpc_fastpath import Peer
+from tests.unit.test_wire_rpc_fastpath import answered
 
 CEILING = 10.0  # seconds; every wait returns as soon as its condition holds
 
@@ -137,11 +137,7 @@ PING = m.PingReply(version="1.3", pid=7, uptime_s=2.5)
      ProtocolError),
 ])
 def test_sync_requester_request_map(answer, outcome) -> None:
-    ctx = zmq.Context.instance()
-    endpoint = f"inproc://reply-map-{id(answer)}"
-    peer = Peer(ctx, endpoint, answer)
-    requester = SyncRequester(ctx, [endpoint], sender="caller")
-    try:
+    with answered(answer) as requester:
         if isinstance(outcome, type):
             with pytest.raises(outcome) as info:
                 requester.request_map(m.PingRequest(), timeout=10)
@@ -151,9 +147,6 @@ def test_sync_requester_request_map(answer, outcome) -> None:
                 assert info.value.code == ErrorCode.INVALID_FIELD and "pid" in str(info.value)
         else:
             assert requester.request_map(m.PingRequest(), timeout=10) == outcome
-    finally:
-        requester.close()
-        peer.close()
 
 
 async def _wake_up_cases() -> None:

@@ -4,8 +4,10 @@ everything unusual to them."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+from collections.abc import Iterator
 from unittest import mock
 
 import msgpack
@@ -151,6 +153,20 @@ class Peer:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def answered(answer) -> Iterator[SyncRequester]:
+    """A requester whose one request a ``Peer`` answers with ``answer(header)``."""
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://answered-{id(answer)}"
+    peer = Peer(ctx, endpoint, answer)
+    requester = SyncRequester(ctx, [endpoint], sender="caller")
+    try:
+        yield requester
+    finally:
+        requester.close()
+        peer.close()
+
+
 @pytest.mark.parametrize("answer, outcome", [
     # a late reply to an earlier request first: ignored
     (lambda h: [wire.encode_result(h._replace(msg_id=b"0" * 16), "stale", sender="s"),
@@ -163,11 +179,7 @@ class Peer:
     (lambda h: [wire.encode_reply(h, m.PingReply(version="1.3", pid=1, uptime_s=0.0), sender="s")], MicrokernelError),
 ])
 def test_sync_requester_call(answer, outcome) -> None:
-    ctx = zmq.Context.instance()
-    endpoint = f"inproc://fastpath-{id(answer)}"
-    peer = Peer(ctx, endpoint, answer)
-    requester = SyncRequester(ctx, [endpoint], sender="caller")
-    try:
+    with answered(answer) as requester:
         if isinstance(outcome, type):
             with pytest.raises(outcome) as info:
                 requester.call("m", {}, timeout=10)
@@ -177,9 +189,6 @@ def test_sync_requester_call(answer, outcome) -> None:
                 assert info.value.code == ErrorCode.HANDLER_ERROR
         else:
             assert requester.call("m", {}, timeout=10) == outcome
-    finally:
-        requester.close()
-        peer.close()
 
 
 def test_sync_requester_call_without_a_peer_raises_no_peer(tmp_path) -> None:
