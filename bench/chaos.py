@@ -551,6 +551,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "kernel_fds_growth": fds_growth,
             "kernel_rss_growth_mib": rss_growth,
             "restarts_by_reason": dict(sorted(state.restarts_by_reason.items())),
+            "heartbeat_silence_max_s": max(state.heartbeat_silences_s, default=None),
             "daemon_restarts": driver.actions["kill9_daemon"],
             "acked_writes": verified["checked"],
             "unreadable_acked_writes": verified["unreadable"][:5],

@@ -157,6 +157,9 @@ class RunState:
     lease_samples: int = 0
     leases_seen_max: int = 0  # most leases held at once in a sample: the check is not vacuous
     restarts_by_reason: Counter[str] = field(default_factory=Counter)
+    # Per heartbeat kill: how long the replica had been silent when the kernel noticed (its exit
+    # reason's detail, "silent for 3.2 s"): liveness x interval plus how late the check ran.
+    heartbeat_silences_s: list[float] = field(default_factory=list)
     exits_by_service: Counter[str] = field(default_factory=Counter)
     budget_kills: int = 0
     events_seen: int = 0
@@ -174,6 +177,17 @@ class RunState:
 
 def _exit_reason(reason: dict[str, Any]) -> str:
     return str(reason.get("kind") or reason.get("text") or "unknown")
+
+
+def _silence_s(reason: dict[str, Any]) -> float | None:
+    """The silence a heartbeat kill's detail reports ("silent for 3.2 s"), else None."""
+    detail = reason.get("detail")
+    if reason.get("kind") != "heartbeat" or not isinstance(detail, str) or not detail.startswith("silent for "):
+        return None
+    try:
+        return float(detail.split()[2])
+    except (IndexError, ValueError):
+        return None
 
 
 class EventMonitor(threading.Thread):
@@ -208,7 +222,11 @@ class EventMonitor(threading.Thread):
             st.events_seen += 1
             topic = env.topic or env.msg_type
             if topic == "service.exited":
-                st.restarts_by_reason[_exit_reason(body.get("reason") or {})] += 1
+                reason = body.get("reason") or {}
+                st.restarts_by_reason[_exit_reason(reason)] += 1
+                silence = _silence_s(reason)
+                if silence is not None:
+                    st.heartbeat_silences_s.append(silence)
                 st.exits_by_service[str(body.get("service"))] += 1
             elif topic == "budget.exceeded" and body.get("action") == "kill":
                 st.budget_kills += 1

@@ -24,6 +24,7 @@ stays safe in a daemon that has executor threads. No exec wrapper is needed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import logging
 import os
@@ -49,6 +50,13 @@ _AFTER_KILL_CEILING = 10.0
 # Rounds of "snapshot, SIGKILL" in kill_tree: a descendant outside the group may fork between the
 # snapshot and the kill; each round catches what the previous one missed.
 _KILL_ROUNDS = 5
+
+# kill_tree's snapshots and signals (a few milliseconds of /proc reading each) run on threads of their
+# own, not on the loop's default executor: there they would queue behind whatever else it runs
+# (resource sampling, log reads, other stops waiting out their grace), and a hung replica's SIGKILL
+# with them. Only these short jobs run here; the waits for processes to vanish use the default one.
+_SIGNAL_THREADS = 4
+_signaller = concurrent.futures.ThreadPoolExecutor(max_workers=_SIGNAL_THREADS, thread_name_prefix="mk-signal")
 
 # asyncio's default StreamReader limit (asyncio.streams._DEFAULT_LIMIT).
 _STREAM_LIMIT = 2**16
@@ -266,7 +274,8 @@ async def kill_tree(
 
     Idempotent and safe on a child that already exited: its leftover group members are still killed.
     Zombies count as gone (they hold no memory, files or devices any more). If cancelled, SIGKILLs what
-    it knows of before re-raising.
+    it knows of before re-raising. The tree is scanned before it is signalled (a dead child's escaped
+    descendants could no longer be found), on threads kept for that (see ``_signaller``).
     """
     loop = asyncio.get_running_loop()
     known: dict[int, psutil.Process] = {}
@@ -275,7 +284,7 @@ async def kill_tree(
             deadline = loop.time() + grace
             # SIGCONT too, as systemd does: a stopped process would not act on SIGTERM until resumed.
             sigs = (sig,) if sig == signal.SIGCONT else (sig, signal.SIGCONT)
-            known = await loop.run_in_executor(None, _scan_and_signal, proc, known, sigs)
+            known = await loop.run_in_executor(_signaller, _scan_and_signal, proc, known, sigs)
             if proc.returncode is None:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -314,7 +323,7 @@ async def _kill_rounds(proc: asyncio.subprocess.Process, known: dict[int, psutil
     loop = asyncio.get_running_loop()
     for _ in range(_KILL_ROUNDS):
         before = set(known)
-        known.update(await loop.run_in_executor(None, _scan_and_signal, proc, known, (signal.SIGKILL,)))
+        known.update(await loop.run_in_executor(_signaller, _scan_and_signal, proc, known, (signal.SIGKILL,)))
         if set(known) == before:
             return
     _log.warning("pid %d: descendants kept appearing during %d kill rounds", proc.pid, _KILL_ROUNDS)

@@ -344,15 +344,24 @@ class Supervisor(ReplicaDriver, ServiceMembership):
     async def watch_heartbeats(self) -> None:
         """Kill replicas that missed ``heartbeat_liveness`` consecutive heartbeats."""
         interval = self.settings.heartbeat_interval
+        due = time.monotonic() + interval / 2
         while True:
             # A timer is right here: liveness is by definition the absence of messages.
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            if now - due > interval:  # a hang is then noticed that much later: say so
+                log.warning("the heartbeat check ran %.1f s late (the kernel's event loop was held up)", now - due)
+            due = now + interval / 2
             self._read_board()
-            for key in self.liveness.expired(time.monotonic()):
+            now = time.monotonic()
+            for key in self.liveness.expired(now):
                 rep = self.live.get(key)
                 if rep is not None:
-                    log.warning("%s missed %d heartbeats; killing it", rep.name, self.settings.heartbeat_liveness)
-                    self.kill_replica(rep, "heartbeat")
+                    seen = self.liveness.last_seen(key)
+                    silence = f"silent for {now - seen:.1f} s" if seen is not None else "silent"
+                    log.warning("%s missed %d heartbeats (%s); killing it", rep.name,
+                                self.settings.heartbeat_liveness, silence)
+                    self.kill_replica(rep, "heartbeat", silence)
 
     async def shutdown(self, deadline: float) -> None:
         """Stop every service, dependents before their dependencies, within ``deadline``."""

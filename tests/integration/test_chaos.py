@@ -65,6 +65,9 @@ def test_one_minute_chaos_soak_breaks_nothing() -> None:
     assert result["daemon_restarts"] >= 1, report
     assert sum(result["restarts_by_reason"].values()) >= 1, report
     assert result["acked_writes"] > 0, report
+    # Every heartbeat kill said how long its replica had been silent: past liveness x interval.
+    if result["restarts_by_reason"].get("heartbeat"):
+        assert result["heartbeat_silence_max_s"] >= 3.0, report
 
 
 # --- what the soak's `hung` key guards, pinned down on its own ----------------------------------

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -339,6 +341,45 @@ def test_kill_tree_grace_zero_kills_at_once(run: Callable[[Awaitable[Any]], Any]
         return await kill_tree(proc, grace=0)
 
     assert run(scenario()) == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("grace, expected", [(0, -signal.SIGKILL), (CEILING, 0)])
+def test_kill_tree_signals_a_stopped_child_while_the_thread_pool_is_busy(
+    run: Callable[[Awaitable[Any]], Any], grace: float, expected: int,
+) -> None:
+    """A hung (SIGSTOPped) child is killed, or resumed and terminated, while every thread of the
+    loop's default executor is blocked: the signals to its group must not queue behind sampling or
+    other stops waiting out their grace (a hung replica was once killed seconds late that way)."""
+    source = textwrap.dedent(
+        """
+        import signal, sys
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("[]", flush=True)
+        while True:
+            signal.pause()
+        """
+    )
+
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=2)
+        loop.set_default_executor(pool)
+        proc = await spawn_python(source)
+        await read_json(proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+        release = threading.Event()
+        busy = [loop.run_in_executor(None, release.wait) for _ in range(2)]
+        kill = asyncio.ensure_future(kill_tree(proc, grace=grace))
+        try:
+            async with asyncio.timeout(CEILING):
+                returncode = await proc.wait()  # gone while the pool is still blocked
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
+        assert await kill == returncode
+        return returncode
+
+    assert run(scenario()) == expected
 
 
 def test_kill_tree_after_child_exited_kills_leftover_group_and_is_idempotent(

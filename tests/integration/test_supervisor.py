@@ -29,6 +29,7 @@ FAST = """
 heartbeat_interval = "300ms"
 heartbeat_liveness = 10
 """
+HEARTBEAT_TIMEOUT_S = 0.3 * 10  # FAST's interval x liveness
 
 
 def wait_event(stream, predicate: Callable[[wire.Envelope], bool], timeout: float = CEILING) -> wire.Envelope:
@@ -200,6 +201,9 @@ entry = "tests.fixtures.no_heartbeat:NoHeartbeat"
             exited = wait_event(stream, is_event("service.exited", "hb"))
             assert exit_kind(exited) == "heartbeat"
             assert _data(exited)["reason"]["signal"] == signal.SIGKILL
+            # How long it was silent, for whoever reads the exit: at least the liveness timeout.
+            detail = _data(exited)["reason"]["detail"]
+            assert detail.startswith("silent for ") and float(detail.split()[2]) >= HEARTBEAT_TIMEOUT_S, detail
             wait_event(stream, is_event("service.ready", "hb", incarnation=2))
 
 
