@@ -32,8 +32,9 @@ class Liveness(Generic[K]):
             raise ValueError(f"heartbeat liveness must be >= 1, got {liveness!r}")
         self._interval = interval
         self._liveness = liveness
-        # Insertion order = order of last beat, because beat() moves the key to the end; with a
-        # monotonic clock the oldest beat is therefore always first, so expired() stops early.
+        # Beats may be recorded out of time order (the kernel reads the heartbeat board replica by
+        # replica, with the times the replicas wrote): expired() and next_deadline() look at every
+        # peer rather than trusting the first to be the oldest (a few hundred at most).
         self._live: dict[K, float] = {}
         self._expired: dict[K, float] = {}
 
@@ -65,14 +66,11 @@ class Liveness(Generic[K]):
 
     def expired(self, now: float) -> list[K]:
         """Peers silent for more than :attr:`timeout` at ``now`` and not reported before, oldest first."""
-        deadline_passed: list[K] = []
         timeout = self.timeout
-        for key, seen in self._live.items():
-            if now - seen <= timeout:
-                break
-            deadline_passed.append(key)
+        live = self._live
+        deadline_passed = sorted((key for key, seen in live.items() if now - seen > timeout), key=live.__getitem__)
         for key in deadline_passed:
-            self._expired[key] = self._live.pop(key)
+            self._expired[key] = live.pop(key)
         return deadline_passed
 
     def last_seen(self, key: K) -> float | None:
@@ -87,9 +85,7 @@ class Liveness(Generic[K]):
 
     def next_deadline(self) -> float | None:
         """The earliest deadline among peers not yet reported, to arm a timer (``None``: nothing to watch)."""
-        for seen in self._live.values():
-            return seen + self.timeout
-        return None
+        return min(self._live.values()) + self.timeout if self._live else None
 
     def __len__(self) -> int:
         return len(self._live) + len(self._expired)

@@ -38,6 +38,17 @@ def test_beats_keep_a_peer_alive_and_reports_are_oldest_first() -> None:
     assert live.expired(2.6) == [("b", 0)]
 
 
+def test_beats_recorded_out_of_time_order_still_expire() -> None:
+    """The kernel feeds the heartbeat board's beats replica by replica, with the times the replicas
+    wrote: a silent peer may be recorded after a fresher one and must not hide behind it."""
+    live: Liveness[str] = Liveness(interval=1.0, liveness=3)
+    live.beat("fresh", 10.0)
+    live.beat("silent", 9.0)
+    assert live.next_deadline() == 12.0
+    assert live.expired(12.5) == ["silent"]
+    assert live.expired(13.5) == ["fresh"]
+
+
 def test_forget_stops_tracking() -> None:
     live: Liveness[str] = Liveness(interval=1.0, liveness=1)
     live.beat("a", 0.0)
