@@ -56,6 +56,17 @@ GRANDCHILD = textwrap.dedent(
     """
 )
 
+# A child that exits 0 on SIGTERM, after reporting that its handler is in place.
+POLITE_CHILD = textwrap.dedent(
+    """
+    import signal, sys
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("[]", flush=True)
+    while True:
+        signal.pause()
+    """
+)
+
 # A child with two grandchildren, one of which escapes the group. Prints one JSON line once every
 # grandchild is set up, then blocks. argv: [stubborn] [no-escape]
 FAMILY = textwrap.dedent(
@@ -306,18 +317,9 @@ def test_kill_tree_sigkills_child_that_ignores_sigterm(run: Callable[[Awaitable[
 
 
 def test_kill_tree_lets_child_exit_cleanly_within_grace(run: Callable[[Awaitable[Any]], Any]) -> None:
-    source = textwrap.dedent(
-        """
-        import signal, sys
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print("[]", flush=True)
-        while True:
-            signal.pause()
-        """
-    )
 
     async def scenario() -> int:
-        proc = await spawn_python(source)
+        proc = await spawn_python(POLITE_CHILD)
         await read_json(proc)
         return await kill_tree(proc, grace=CEILING)
 
@@ -325,18 +327,9 @@ def test_kill_tree_lets_child_exit_cleanly_within_grace(run: Callable[[Awaitable
 
 
 def test_kill_tree_grace_zero_kills_at_once(run: Callable[[Awaitable[Any]], Any]) -> None:
-    source = textwrap.dedent(
-        """
-        import signal, sys
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print("[]", flush=True)
-        while True:
-            signal.pause()
-        """
-    )
 
     async def scenario() -> int:
-        proc = await spawn_python(source)
+        proc = await spawn_python(POLITE_CHILD)
         await read_json(proc)
         return await kill_tree(proc, grace=0)
 
@@ -350,21 +343,12 @@ def test_kill_tree_signals_a_stopped_child_while_the_thread_pool_is_busy(
     """A hung (SIGSTOPped) child is killed, or resumed and terminated, while every thread of the
     loop's default executor is blocked: the signals to its group must not queue behind sampling or
     other stops waiting out their grace (a hung replica was once killed seconds late that way)."""
-    source = textwrap.dedent(
-        """
-        import signal, sys
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print("[]", flush=True)
-        while True:
-            signal.pause()
-        """
-    )
 
     async def scenario() -> int:
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(max_workers=2)
         loop.set_default_executor(pool)
-        proc = await spawn_python(source)
+        proc = await spawn_python(POLITE_CHILD)
         await read_json(proc)
         os.kill(proc.pid, signal.SIGSTOP)
         release = threading.Event()
