@@ -67,13 +67,11 @@ import os
 import random
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 if __package__ in (None, ""):
@@ -86,147 +84,14 @@ from bench import raw
 from bench.harness import Daemon, Helper, emit, exit_cleanly_on_sigterm, log, percentile, short_tmp
 from bench.peers_workers.drivers import Circus, PeerDaemon, PeersVenv, Supervisord, WorkerSpec, ensure_peers_venv
 from bench.peers_workers.notify import Listener
-from bench.rpc import RESTART_POLICY, wait_standby_warm
-
-MIB = 1024 * 1024
-WORKERS = 5  # per daemon in the restart and control phases
-MEM_LIMIT = 128 * MIB
-PEER_LABELS = ("circus", "circus_tuned", "supervisord", "supervisord_default")
-# The period of the timer that decides when each peer notices an exit: circus reaps and respawns
-# in its check_delay callback (5 s is the ini default); supervisord respawns on the loop turn after
-# the reap, and its loop waits up to 1 s in poll().
-TIMER_PERIOD_S = {"circus": 5.0, "circus_tuned": 0.1, "supervisord": 1.0, "supervisord_default": 1.0}
-
-
-class Plan:
-    """How many samples of everything: full or ``--quick``."""
-
-    def __init__(self, quick: bool, slow_memlimit: bool) -> None:
-        self.quick = quick
-        self.slow_memlimit = slow_memlimit
-        self.restarts = 2 if quick else 20
-        self.control_rounds = 4 if quick else 20
-        self.control_per_round = 50 if quick else 100
-        self.control_warmup = 50 if quick else 200
-        self.memlimit = 2 if quick else 10
-        self.idle_workers = 10 if quick else 200
-        self.idle_seconds = 3.0 if quick else 30.0
-        self.idle_settle = 0.5 if quick else 3.0
-
-
-# --- small pieces --------------------------------------------------------------------------------
-
-
-def ms_between(t0_ns: int, t1_ns: int) -> float:
-    return (t1_ns - t0_ns) / 1e6
-
-
-def stats_ms(samples: list[float]) -> dict[str, float | None]:
-    if not samples:
-        return {"p50": None, "p90": None}
-    return {"p50": round(statistics.median(samples), 1), "p90": round(percentile(samples, 90), 1)}
-
-
-def ours_restart_config(notify: str) -> dict[str, dict[str, Any]]:
-    """Five services like the peers' five workers: the restarted NotifyPong and four Idle."""
-    services: dict[str, dict[str, Any]] = {
-        "pong": {"entry": "bench.peers_workers.services:NotifyPong", **RESTART_POLICY,
-                 "config": {"notify": notify, "tag": "ours.pong"}},
-    }
-    for i in range(1, WORKERS):
-        services[f"idle-{i}"] = {"entry": "bench.services:Idle"}
-    return services
-
-
-def ours_hog_config(notify: str, tag: str) -> dict[str, dict[str, Any]]:
-    return {"hog": {"entry": "bench.peers_workers.services:Hog", "memory": f"{MEM_LIMIT // MIB}MiB", **RESTART_POLICY,
-                    "config": {"notify": notify, "tag": tag, "limit": MEM_LIMIT}}}
-
-
-@contextmanager
-def subscriber(daemon: Daemon, patterns: list[str]) -> Iterator[Any]:
-    from protocols.subscription import SyncSubscriber
-
-    sub = SyncSubscriber(zmq.Context.instance(), daemon.events, patterns, timeout=30.0)
-    try:
-        yield sub
-    finally:
-        sub.close()
-
-
-def wait_ready_event(sub: Any, service: str, old_pid: int, timeout: float = 30.0) -> tuple[int, dict[str, int]]:
-    """Block until ``service.ready`` of ``service`` from a pid other than ``old_pid``.
-
-    Returns the monotonic receipt time and the kernel's publication times (``time.time_ns`` of the
-    event headers) of that ``service.ready`` and of the old pid's ``service.exited``, if seen.
-    """
-    deadline = time.monotonic() + timeout
-    published: dict[str, int] = {}
-    while True:
-        env = sub.next_event(max(0.0, deadline - time.monotonic()))
-        if env is None:
-            raise TimeoutError(f"{service} was not ready again within {timeout:g}s")
-        msg = env.message
-        if env.msg_type == "service.exited" and msg.service == service and msg.pid == old_pid:
-            published["exited"] = env.header.ts_ns
-        elif env.msg_type == "service.ready" and msg.service == service and msg.pid != old_pid:
-            published["ready"] = env.header.ts_ns
-            return time.monotonic_ns(), published
-
-
-class Stage:
-    """What one phase started; all of it is stopped, concurrently, when the phase ends (or fails).
-
-    Concurrent because supervisord's orderly stop takes a second per tick of its loop and ours
-    stops 200 services in order: one after the other, tear-downs would dominate the run.
-    """
-
-    def __init__(self, stack: ExitStack) -> None:
-        self._stops: list[Callable[[], None]] = []
-        stack.callback(self._stop_all)
-
-    def _stop_all(self) -> None:
-        with ThreadPoolExecutor(max(1, len(self._stops))) as pool:
-            futures = [pool.submit(stop) for stop in self._stops]
-        self._stops.clear()
-        for f in futures:
-            f.result()  # re-raise a failed tear-down after every other one ran
-
-    def peer(self, daemon: PeerDaemon) -> PeerDaemon:
-        self._stops.append(daemon.stop)
-        return daemon.start()
-
-    def ours(self, daemon: Daemon) -> Daemon:
-        def stop() -> None:
-            code = daemon.stop(timeout=120.0)
-            if code not in (0, None):
-                log(f"our daemon exited with {code}:\n{daemon.log_tail()}")
-
-        self._stops.append(stop)
-        return daemon.start()
-
-    def ours_many(self, daemons: list[Daemon]) -> list[Daemon]:
-        """Start several of our daemons at once (each start waits for its ready line)."""
-        with ThreadPoolExecutor(len(daemons)) as pool:
-            futures = [pool.submit(self.ours, d) for d in daemons]
-        return [f.result() for f in futures]
-
+from bench.peers_workers.phases import idle, memlimit
+from bench.peers_workers.stage import (
+    PEER_LABELS, TIMER_PERIOD_S, WORKERS, Plan, Stage, make_peer, ms_between, ours_restart_config, stats_ms,
+    subscriber, wait_ready_event,
+)
+from bench.rpc import wait_standby_warm
 
 # --- restarts and control -------------------------------------------------------------------------
-
-
-def make_peer(label: str, venv: PeersVenv, root: str, notify: Listener, workers: list[WorkerSpec]) -> PeerDaemon:
-    """The daemon of one peer configuration (``PEER_LABELS``), in ``root/<label>``."""
-    where = os.path.join(root, label)
-    if label == "circus":
-        return Circus(label, where, venv, notify.path, workers)
-    if label == "circus_tuned":
-        return Circus(label, where, venv, notify.path, workers, check_delay=0.1)
-    if label == "supervisord":
-        return Supervisord(label, where, venv, notify.path, workers, startsecs=0)
-    if label == "supervisord_default":
-        return Supervisord(label, where, venv, notify.path, workers, startsecs=None)
-    raise ValueError(f"unknown peer configuration {label!r}")
 
 
 def restart_and_control(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
@@ -363,116 +228,6 @@ def raw_round_trip(stack: ExitStack, root: str) -> Callable[[], Any]:
 
 
 # --- memory limit → restart -----------------------------------------------------------------------
-
-
-def memlimit(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
-    """Phase 2: a worker allocating past 128 MiB → running again, round-robin over the daemons."""
-    out: dict[str, Any] = {}
-    with ExitStack() as stack:
-        stage = Stage(stack)
-        peers: dict[str, str] = {}  # label -> the hog worker's tag
-        if venv is not None:
-            plugin_tuned = {"max_mem": f"{MEM_LIMIT // MIB}M", "loop_rate": 0.1}
-            stage.peer(Circus("circus_tuned_mem", os.path.join(root, "circus_tuned_mem"), venv, notify.path,
-                              [WorkerSpec(name="hog", tag="circus_tuned.hog", hog_limit=MEM_LIMIT)],
-                              check_delay=0.1, memory_plugin=plugin_tuned))
-            peers["circus_tuned"] = "circus_tuned.hog"
-            if plan.slow_memlimit:
-                stage.peer(Circus("circus_mem", os.path.join(root, "circus_mem"), venv, notify.path,
-                                  [WorkerSpec(name="hog", tag="circus.hog", hog_limit=MEM_LIMIT)],
-                                  memory_plugin={"max_mem": f"{MEM_LIMIT // MIB}M"}))
-                peers["circus"] = "circus.hog"
-        ours: dict[str, tuple[Daemon, Any]] = {}
-        settings = {"ours": {}, "ours_tuned": {"memory_sample_interval": "100ms"}}
-        daemons = stage.ours_many([Daemon(ours_hog_config(notify.path, f"{label}.hog"), kernel=kernel)
-                                   for label, kernel in settings.items()])
-        for label, daemon in zip(settings, daemons):
-            ours[label] = (daemon, stack.enter_context(subscriber(daemon, ["service.ready"])))
-        current = {label: notify.wait("up", tag, 60.0) for label, tag in peers.items()}
-        for label in ours:
-            current[label] = notify.wait("up", f"{label}.hog", 60.0)
-        log(f"memory-limit daemons up: {', '.join(current)}")
-
-        def trial(label: str, tag: str, timeout: float) -> tuple[float, float]:
-            """SIGUSR1 → crossing → the replacement's up (and, for ours, its service.ready)."""
-            old = current[label]
-            os.kill(old.pid, signal.SIGUSR1)
-            cross = notify.wait("cross", tag, 30.0)
-            t_ready = wait_ready_event(ours[label][1], "hog", old.pid, timeout)[0] if label in ours else None
-            new = notify.wait("up", tag, timeout, not_pid=old.pid)
-            current[label] = new
-            up_ms = ms_between(cross.t_ns, new.t_ns)
-            return (ms_between(cross.t_ns, t_ready) if t_ready is not None else up_ms), up_ms
-
-        fast = [label for label in ("circus_tuned", "ours", "ours_tuned") if label in current]
-        results: dict[str, list[tuple[float, float]]] = {label: [] for label in current}
-        for i in range(plan.memlimit):
-            for label in fast:
-                tag = peers.get(label, f"{label}.hog")
-                results[label].append(trial(label, tag, 30.0))
-            log(f"  memory-limit round {i + 1}/{plan.memlimit}: "
-                + ", ".join(f"{k} {results[k][-1][0]:.0f}" for k in fast) + " ms")
-        if "circus" in peers:
-            log("  circus with the plugin's default loop_rate (60 s, max_count 3): one sample, ~4 minutes")
-            results["circus"].append(trial("circus", "circus.hog", 600.0))
-        for label, rs in results.items():
-            out[f"{label}_memlimit_restart_ms_p50"] = round(statistics.median(r[0] for r in rs), 1) if rs else None
-            if label.startswith("ours") and rs:
-                out[f"{label}_memlimit_up_ms_p50"] = round(statistics.median(r[1] for r in rs), 1)
-    return out
-
-
-# --- idle cost --------------------------------------------------------------------------------------
-
-
-def measure_idle(pid: int, seconds: float) -> dict[str, float]:
-    """The process's own CPU % (user + system, children excluded) over ``seconds``, and its RSS."""
-    proc = psutil.Process(pid)
-    c0 = proc.cpu_times()
-    w0 = time.perf_counter()
-    time.sleep(seconds)  # the measurement window itself
-    wall = time.perf_counter() - w0
-    c1 = proc.cpu_times()
-    cpu = (c1.user - c0.user) + (c1.system - c0.system)
-    return {"cpu_pct": round(cpu / wall * 100.0, 2), "rss_mib": round(proc.memory_info().rss / MIB, 1)}
-
-
-def idle(plan: Plan, venv: PeersVenv | None, root: str, notify: Listener) -> dict[str, Any]:
-    """Phase 3: each supervisor alone with N idle workers; its own CPU and RSS once all are up."""
-    from bench.scale import services_config, wait_all_ready
-
-    n = plan.idle_workers
-    out: dict[str, Any] = {}
-    # One supervisord configuration is enough here: startsecs only matters while a process starts.
-    for label in ("circus", "circus_tuned", "supervisord") if venv is not None else ():
-        assert venv is not None
-        workers = [WorkerSpec(name=f"i{i}", tag=f"{label}.idle.i{i}") for i in range(n)]
-        with ExitStack() as stack:
-            t0 = time.perf_counter()
-            peer = Stage(stack).peer(make_peer(label, venv, os.path.join(root, "idle"), notify, workers))
-            got = notify.wait_up_count(f"{label}.idle.", n, 300.0)
-            if got < n:
-                raise RuntimeError(f"{label}: only {got}/{n} idle workers up:\n{peer.log_tail()}")
-            startup = time.perf_counter() - t0
-            time.sleep(plan.idle_settle)  # same settle for everyone: start-up stragglers are not idle cost
-            m = measure_idle(peer.pid, plan.idle_seconds)
-            log(f"  idle {n} under {label}: up in {startup:.1f}s, {m}")
-        out.update({f"{label}_idle{n}_cpu_pct": m["cpu_pct"], f"{label}_idle{n}_rss_mib": m["rss_mib"],
-                    f"{label}_idle{n}_startup_s": round(startup, 2)})
-    with ExitStack() as stack:
-        config = services_config(n, "120s")
-        t0 = time.perf_counter()
-        daemon = Stage(stack).ours(Daemon(config, kernel={"heartbeat_interval": "1s"}, ready_timeout=60.0))
-        ready = wait_all_ready(daemon, set(config), timeout=600.0)["ready"]
-        if ready < n:
-            raise RuntimeError(f"ours: only {ready}/{n} idle services ready:\n{daemon.log_tail()}")
-        startup = time.perf_counter() - t0
-        time.sleep(plan.idle_settle)
-        m = measure_idle(daemon.pid, plan.idle_seconds)
-        log(f"  idle {n} under ours: up in {startup:.1f}s, {m}")
-        out.update({f"ours_idle{n}_cpu_pct": m["cpu_pct"], f"ours_idle{n}_rss_mib": m["rss_mib"],
-                    f"ours_idle{n}_startup_s": round(startup, 2)})
-    return out
 
 
 # --- the run ----------------------------------------------------------------------------------------
