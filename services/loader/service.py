@@ -71,6 +71,7 @@ class Loader(Service):
         weights; ``config`` overrides the recorded model config. With ``wait=False`` the reply comes
         at once (state ``loading``); ``list`` and ``model.loaded`` tell when it is ready."""
         name, version = check_name(name), check_version(version)
+        requested = version
         if arch is not None and (not isinstance(arch, str) or not arch):
             raise MicrokernelError(ErrorCode.INVALID_FIELD, f"arch must be a non-empty string, got {arch!r}")
         if config is not None and not isinstance(config, dict):
@@ -93,6 +94,13 @@ class Loader(Service):
             source, fetch = f"store:{key}@{stored}", {"key": key, "version": stored}
             recorded_arch = arch or (stat.get("meta") or {}).get("arch")
 
+        if requested is None:
+            # The same source already loading (two replicas of one inferencer starting together):
+            # one version, not one per caller. Once it is loaded, loading the source again is a reload.
+            loading = next((e for e in self.catalog
+                            if e.name == name and e.source == source and e.state == State.LOADING), None)
+            if loading is not None:
+                return await self._outcome(loading, wait)
         existing = self._existing(name, version)
         if existing is not None:
             if existing.source != source:

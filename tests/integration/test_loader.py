@@ -192,6 +192,10 @@ def test_a_slow_load_does_not_block_other_models(daemon: Daemon) -> None:
         with c.events("model.loaded") as stream:
             reply = c.call("loader", "load", name="slow", weights=slow_weights, wait=False)
             assert reply["state"] == "loading"
+            # The same source again while it loads (two inferencer replicas starting together): the
+            # same version, not a second one.
+            again = c.call("loader", "load", name="slow", weights=slow_weights, wait=False)
+            assert (again["version"], again["state"]) == (reply["version"], "loading")
             # While its build blocks on the gate: list, get, a whole load of another model and
             # inference on a third go through.
             assert [r["state"] for r in rows(c, "slow")] == ["loading"]
