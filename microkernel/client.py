@@ -110,6 +110,8 @@ class Client:
 
     def _request_map(self, message: Any, timeout: float | None = None) -> dict[str, Any]:
         """One control round trip; returns the reply's fields as a plain dict."""
+        if self._contacted and timeout is None:  # the steady case: _round_trip would only pass it on
+            return self._control.request_map(message, timeout=self.timeout)
         return self._round_trip(self._control.request_map, message, timeout)
 
     def _round_trip(self, exchange: Callable[..., Any], message: Any, timeout: float | None) -> Any:

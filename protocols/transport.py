@@ -40,6 +40,8 @@ _MAGIC = wire.MAGIC
 _new_msg_id = wire.new_msg_id
 _decode_rpc_reply = wire.decode_rpc_reply
 _decode_reply_map = wire.decode_reply_map
+_Packed = wire.Packed
+_NO_HANDOFFS: list[str] = []  # never appended to: a packed request carries no buffers
 _monotonic = time.monotonic
 _time_ns = time.time_ns
 # The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
@@ -425,6 +427,11 @@ class AsyncRequester:
         self.socket.close()
 
 
+def _not_usual(frames: list[Any], max_size: int | None) -> None:
+    """The ``decode_usual`` of ``SyncRequester.request``: every reply goes to the general decoder."""
+    return None
+
+
 class SyncRequester:
     """Blocking request/reply over a DEALER, for scripts and the synchronous client."""
 
@@ -482,10 +489,7 @@ class SyncRequester:
         With ``try_now`` the request must leave at once or ``NoPeer`` is raised (see AsyncRequester).
         """
         msg_id, deadline = self._start(message, timeout, deadline_ns, try_now)
-        while True:
-            env = self._reply_to(self._receive(deadline, timeout, message), msg_id)
-            if env is not None:
-                return env
+        return self._await_reply(msg_id, deadline, timeout, message, _not_usual)[1]
 
     def request_map(self, message: Any, *, timeout: float, deadline_ns: int | None = None,
                     try_now: bool = False) -> dict[str, Any]:
@@ -504,9 +508,13 @@ class SyncRequester:
         deadline = _monotonic() + timeout
         if deadline_ns is None:
             deadline_ns = _time_ns() + int(timeout * 1e9)
-        handoffs: list[str] = []
-        frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
-                             shm_threshold=self._shm, handoffs=handoffs)
+        if type(message) is _Packed:  # packed once (what monitoring loops send): only the header is made
+            frames = wire.packed_request(message, self.sender, msg_id, deadline_ns)
+            handoffs: list[str] = _NO_HANDOFFS
+        else:
+            handoffs = []
+            frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
+                                 shm_threshold=self._shm, handoffs=handoffs)
         # ``message`` stands for its msg_type in error messages: looked up only for one.
         self._send_request(frames, handoffs, timeout, try_now, message)
         return msg_id, deadline
@@ -539,8 +547,22 @@ class SyncRequester:
         envelope)`` from the general decoder (which raises for an error reply). Late replies to
         earlier requests that timed out are skipped; ``what`` names the request in a timeout."""
         max_size = self.max_size
+        timeouts = self._timeouts
+        sock = self.sock
         while True:
-            frames_in = self._receive(deadline, timeout, what)
+            # A receive timeout instead of poll()+recv(): one system call less per round trip. It
+            # is rounded as _set_timeout rounds, so a steady caller does not set it every call.
+            left = deadline - _monotonic()
+            try:
+                if left <= 0:
+                    raise zmq.Again()
+                ms = -(-max(1, int(left * 1000)) // 10) * 10
+                if timeouts.get(_RCVTIMEO) != ms:
+                    self._set_timeout(_RCVTIMEO, ms)
+                frames_in = recv_message(sock)
+            except zmq.Again:
+                raise CallTimeout(f"no reply to {_label(what)} from {', '.join(self.endpoints)} "
+                                  f"within {timeout:g}s") from None
             usual = decode_usual(frames_in, max_size)
             if usual is not None:
                 if usual[0].parent_id == msg_id:
@@ -561,7 +583,9 @@ class SyncRequester:
                     handover.reclaim(handoffs)
                 raise NoPeer(f"no connected peer at {', '.join(self.endpoints)}") from None
         else:
-            self._set_timeout(_SNDTIMEO, max(1, int(timeout * 1000)))
+            ms = -(-max(1, int(timeout * 1000)) // 10) * 10  # as _set_timeout rounds: a steady caller skips it
+            if self._timeouts.get(_SNDTIMEO) != ms:
+                self._set_timeout(_SNDTIMEO, ms)
             try:
                 send_message(sock, frames)
             except zmq.Again:
@@ -569,20 +593,6 @@ class SyncRequester:
                     handover.reclaim(handoffs)
                 raise CallTimeout(f"could not send {_label(what)} to {', '.join(self.endpoints)} within {timeout:g}s "
                                   "(nobody is listening)") from None
-
-    def _receive(self, deadline: float, timeout: float, what: Any) -> list[Any]:
-        """The next inbound message, or ``CallTimeout`` at ``deadline``."""
-        # A receive timeout instead of poll()+recv(): one system call less per round trip.
-        left = deadline - _monotonic()
-        try:
-            if left <= 0:
-                raise zmq.Again()
-            ms = -(-max(1, int(left * 1000)) // 10) * 10
-            if self._timeouts.get(_RCVTIMEO) != ms:  # rounded as _set_timeout does; a steady caller skips the call
-                self._set_timeout(_RCVTIMEO, ms)
-            return recv_message(self.sock)
-        except zmq.Again:
-            raise CallTimeout(f"no reply to {_label(what)} from {', '.join(self.endpoints)} within {timeout:g}s") from None
 
     def _reply_to(self, frames_in: list[Any], msg_id: bytes) -> wire.Envelope | None:
         """The decoded reply to ``msg_id`` (``RemoteError`` for an error reply), or None when

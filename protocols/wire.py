@@ -689,7 +689,16 @@ def reply_type(request_type: str) -> str:
 
 def encode_reply(request: Header, message_obj: Any, *, sender: str, routing: Sequence[bytes] = ()) -> list[Any]:
     """An ``ok`` reply correlated to ``request`` (parent_id = the request's msg_id)."""
+    if type(message_obj) is Packed:  # the cached status and the like: encode()'s branch, one call less
+        return [*routing, MAGIC, _pack_header(message_obj.msg_type, sender, None, request.msg_id, None, STATUS_OK),
+                message_obj.body]
     return encode(message_obj, sender=sender, parent_id=request.msg_id, status=STATUS_OK, routing=routing)
+
+
+def packed_request(message: Packed, sender: str, msg_id: bytes | None, deadline_ns: int | None) -> list[Any]:
+    """``encode(message, sender=sender, msg_id=msg_id, deadline_ns=deadline_ns)`` of a request packed
+    once (``pack_message``): only the header is made (the requesters' path for monitoring loops)."""
+    return [MAGIC, _pack_header(message.msg_type, sender, msg_id, None, deadline_ns, None), message.body]
 
 
 def encode_result(

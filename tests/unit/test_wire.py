@@ -194,6 +194,27 @@ def test_a_message_packed_ahead_decodes_like_the_message_itself() -> None:
         wire.pack_message(m.RpcReply(result=b"x" * wire.INLINE_BYTES_LIMIT))
 
 
+@pytest.mark.parametrize("deadline_ns", [None, 2**40, 5])
+@pytest.mark.parametrize("msg_id", [None, wire.new_msg_id(), b"short-id"])
+def test_packed_shortcuts_make_what_encode_makes(msg_id: bytes | None, deadline_ns: int | None) -> None:
+    # packed_request (the requesters' path) and encode_reply's Packed branch against encode's own:
+    # the same frames, headers alike in everything but the clock.
+    def same(got: list, want: list) -> wire.Header:
+        g, w = wire.decode(got), wire.decode(want)
+        assert len(got) == len(want) and got[-1] == want[-1] and g.routing == w.routing and g.message == w.message
+        assert g.header._replace(ts_ns=0, msg_id=b"") == w.header._replace(ts_ns=0, msg_id=b"")
+        return g.header
+
+    packed = wire.pack_message(m.StatusRequest(brief=True))
+    header = same(wire.packed_request(packed, "c", msg_id, deadline_ns),
+                  wire.encode(packed, sender="c", msg_id=msg_id, deadline_ns=deadline_ns))
+    assert msg_id is None or header.msg_id == msg_id
+    request = wire.decode(wire.encode(m.StatusRequest(), sender="c", msg_id=msg_id)).header
+    reply = wire.pack_message(m.StatusReply(kernel={"pid": 1}, services=[]))
+    same(wire.encode_reply(request, reply, sender="k", routing=[b"id"]),
+         wire.encode(reply, sender="k", parent_id=request.msg_id, status="ok", routing=[b"id"]))
+
+
 _ARG_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
     | st.binary(max_size=20),
