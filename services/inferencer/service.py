@@ -28,6 +28,7 @@ from services.loader.catalog import check_name, check_version
 from services.loader.layout import Layout, assemble, shares, views
 from services.loader.placement import device_for, place, release_device_memory
 from services.models.registry import Architecture, resolve
+from services.retry import ATTEMPT_S, retry_transient
 
 __all__ = ["Inferencer"]
 
@@ -207,16 +208,34 @@ class Inferencer(Service):
                              "replica": self.replica})
 
     async def _handle(self, version: int | None, *, load: bool) -> dict[str, Any]:
-        try:
+        """The loader's handle of the model. ``load`` (at setup): have the loader load it when it
+        lacks it, and wait out a loader that is away (restarting) instead of failing the start:
+        ``depends_on`` orders the starts only, and the loader may restart while this replica
+        starts (a crash, a budget kill, an upgrade). The wait is reported as start-up progress."""
+        if not load:
             return await self.call("loader", "get", name=self.model_name, version=version, timeout=LOAD_TIMEOUT_S)
+
+        async def waiting(exc: MicrokernelError, pause: float) -> None:
+            await self.progress(f"waiting for the loader ({exc.code.value}: {exc.reason})", extend_s=pause + ATTEMPT_S)
+
+        # One attempt is get, load if missing, get: after a lost reply the next attempt finds a
+        # model that did load instead of loading it again (which would make a new version).
+        return await retry_transient(lambda left: self._get_or_load(version, left), timeout=LOAD_TIMEOUT_S,
+                                     what=f"model {self.model_name!r} from the loader", log=self.log,
+                                     on_retry=waiting, attempt_s=LOAD_TIMEOUT_S)
+
+    async def _get_or_load(self, version: int | None, timeout: float) -> dict[str, Any]:
+        name = self.model_name
+        try:
+            return await self.call("loader", "get", name=name, version=version, timeout=min(timeout, ATTEMPT_S))
         except RemoteError as exc:
-            if not load or exc.code != ErrorCode.NOT_FOUND:
+            if exc.code != ErrorCode.NOT_FOUND:
                 raise
         config = self.config
-        await self.progress(f"loading model {self.model_name!r} through the loader", extend_s=LOAD_TIMEOUT_S)
-        await self.call("loader", "load", name=self.model_name, version=version, weights=config.get("weights"),
-                        arch=config.get("arch"), config=config.get("model_config"), timeout=LOAD_TIMEOUT_S)
-        return await self.call("loader", "get", name=self.model_name, version=version, timeout=LOAD_TIMEOUT_S)
+        await self.progress(f"loading model {name!r} through the loader", extend_s=timeout)
+        await self.call("loader", "load", name=name, version=version, weights=config.get("weights"),
+                        arch=config.get("arch"), config=config.get("model_config"), timeout=timeout)
+        return await self.call("loader", "get", name=name, version=version, timeout=min(timeout, ATTEMPT_S))
 
     # --- batches -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from protocols.errors import ErrorCode, MicrokernelError
 from services.models import corpus
+from services.retry import retry_transient
 from services.models.weights import to_numpy
 from services.trainer.checkpoints import Checkpoint
 from services.trainer.jobs import CHECKPOINT_PREFIX, JOB_PREFIX, MODEL_PREFIX, JobRecord, job_key
@@ -25,14 +26,6 @@ __all__ = ["JobStore"]
 T = TypeVar("T")
 Caller = Callable[..., Awaitable[Any]]
 _STORE_TIMEOUT_S = 60.0
-# A store that restarts (crash, upgrade, reload) is away for a few seconds: a job rides through it.
-# Retried: no ready replica yet, the replica went away, it is stopping, no reply in time (a request
-# lost with a dead replica). Each attempt gets at most _ATTEMPT_S of what is left of the call's
-# timeout, so one request lost with a dead replica does not use up the whole of it.
-_TRANSIENT = frozenset({ErrorCode.NOT_READY, ErrorCode.UNAVAILABLE, ErrorCode.SHUTTING_DOWN, ErrorCode.TIMEOUT})
-_ATTEMPT_S = 20.0
-_RETRY_FIRST_S = 0.1
-_RETRY_MAX_S = 2.0
 
 
 def _missing(exc: MicrokernelError) -> bool:
@@ -50,21 +43,10 @@ class JobStore:
         self.keep_checkpoints = keep_checkpoints
 
     async def _call(self, method: str, *, timeout: float = _STORE_TIMEOUT_S, **args: Any) -> Any:
-        """``store.<method>(**args)``, retried with a growing pause while the store is away
-        (restarting), within ``timeout`` in all; other errors are raised at once."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        pause = _RETRY_FIRST_S
-        while True:
-            left = end - loop.time()
-            try:
-                return await self._store_call(method, timeout=min(left, _ATTEMPT_S), **args)
-            except MicrokernelError as exc:
-                if exc.code not in _TRANSIENT or loop.time() + pause >= end:
-                    raise
-                self._log.warning("store %s: %s (%s); retrying in %.1fs", method, exc.code.value, exc.reason, pause)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _RETRY_MAX_S)
+        """``store.<method>(**args)``: a job rides through a restart of the store (see
+        :mod:`services.retry`), within ``timeout`` in all; other errors are raised at once."""
+        return await retry_transient(lambda left: self._store_call(method, timeout=left, **args),
+                                     timeout=timeout, what=f"store {method}", log=self._log)
 
     def blocking(self, coro: Awaitable[T], timeout: float = _STORE_TIMEOUT_S + 5) -> T:
         """Run one of these coroutines from the training thread and wait for its result."""

@@ -239,3 +239,30 @@ def test_mkctl_models_and_infer_follow_the_default(served: tuple[KernelHandle, C
     assert [r["version"] for r in c.call("loader", "list") if r["name"] == "lin"] == [1]
     assert c.call("inferencer", "infer", input=[1.0, 2.0, 3.0, 4.0]) == pytest.approx(
         expected(state, [1.0, 2.0, 3.0, 4.0]), rel=1e-5)
+
+
+def test_an_inferencer_starting_while_the_loader_is_away_waits_for_it() -> None:
+    # The loader restarting while an inferencer replica starts (found by the chaos soak): the
+    # replica waits for it, reporting progress, instead of failing its start and being restarted.
+    # Here the loader is simply not there yet (0 replicas, no depends_on) until the test scales it up.
+    tmp = tempfile.mkdtemp(prefix="mk-", dir="/tmp")  # short: ipc paths are limited
+    state = reference_state(4)
+    weights = write_weights(os.path.join(tmp, "lin.safetensors"), state, arch=ARCH, config={"width": 4})
+    config = ('[services.store]\nentry = "services.store:Store"\n'
+              '[services.loader]\nentry = "services.loader:Loader"\ndepends_on = ["store"]\nreplicas = 0\n'
+              + inferencer("inferencer", "lin", weights, replicas=1, batch=4, delay_ms=0, max_queue=16, compute_ms=0)
+              .replace('depends_on = ["loader"]\n', ""))
+    with start_kernel(config, tmp) as k, Client(runtime_dir=k.runtime_dir) as c:
+        with c.events("service.progress", since_seq=0) as stream:
+            while True:  # the replica found no loader and said it waits
+                event = stream.next_event(timeout=CEILING)
+                assert event is not None, "the inferencer never reported waiting for the loader"
+                progress = event.message
+                if progress.service == "inferencer" and "waiting for the loader (not_ready" in progress.message:
+                    break
+        c.scale("loader", 1)
+        entry = c.wait_ready("inferencer", timeout=CEILING)
+        assert entry["restarts"] == 0, entry  # the first start went through
+        x = [1.0, 2.0, 3.0, 4.0]
+        assert c.call("inferencer", "infer", input=x) == pytest.approx(expected(state, x), rel=1e-5, abs=1e-5)
+    shutil.rmtree(tmp, ignore_errors=True)
