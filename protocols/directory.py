@@ -17,19 +17,11 @@ from typing import Any
 
 import zmq
 
-from protocols import messages, shm, wire
+from protocols import messages, shm
 from protocols.errors import CallTimeout, ErrorCode, MicrokernelError
 from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
 LOOKUP_TTL_S = 2.0
-
-
-def rpc_result(envelope: wire.Envelope) -> Any:
-    """The result of an ok ``rpc_reply``."""
-    msg = envelope.message
-    if not isinstance(msg, messages.RpcReply):
-        raise MicrokernelError(ErrorCode.MALFORMED, f"expected rpc_reply, got {envelope.msg_type}")
-    return msg.result
 
 
 def _left(end: float, timeout: float, service: str) -> float:
@@ -104,19 +96,18 @@ class AsyncDirectory:
         deadline_ns = time.time_ns() + int(timeout * 1e9)
         end = time.monotonic() + timeout  # one budget for the look-ups and the request
         route, cached = await self._route(service, timeout)
-        request = messages.RpcRequest(method=method, args=args)
         try:
             try:
-                env = await route.requester.request(request, timeout=_left(end, timeout, service), deadline_ns=deadline_ns,
-                                                    try_now=cached)
+                return await route.requester.call(method, args, timeout=_left(end, timeout, service),
+                                                  deadline_ns=deadline_ns, try_now=cached)
             except NoPeer:
                 route, _ = await self._route(service, _left(end, timeout, service), refresh=True)
-                env = await route.requester.request(request, timeout=_left(end, timeout, service), deadline_ns=deadline_ns)
+                return await route.requester.call(method, args, timeout=_left(end, timeout, service),
+                                                  deadline_ns=deadline_ns)
         except (CallTimeout, MicrokernelError) as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0  # the replica set may have changed: look up again next time
             raise
-        return rpc_result(env)
 
     def close(self) -> None:
         for route in self._routes.values():

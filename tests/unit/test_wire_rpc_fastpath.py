@@ -4,6 +4,7 @@ everything unusual to them."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import threading
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from protocols import messages as m
 from protocols import transport, wire
 from protocols.errors import ErrorCode, MicrokernelError, RemoteError
-from protocols.transport import NoPeer, SyncRequester
+from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
 NOW = 1_790_000_000_123_456_789
 
@@ -167,7 +168,7 @@ def answered(answer) -> Iterator[SyncRequester]:
         peer.close()
 
 
-@pytest.mark.parametrize("answer, outcome", [
+_ANSWERS = [
     # a late reply to an earlier request first: ignored
     (lambda h: [wire.encode_result(h._replace(msg_id=b"0" * 16), "stale", sender="s"),
                 wire.encode_result(h, "fresh", sender="s")], "fresh"),
@@ -177,18 +178,87 @@ def answered(answer) -> Iterator[SyncRequester]:
                  msgpack.packb({"result": [1, 2]})]], [1, 2]),
     (lambda h: [wire.encode_error(h, ErrorCode.HANDLER_ERROR, "boom", sender="s")], RemoteError),
     (lambda h: [wire.encode_reply(h, m.PingReply(version="1.3", pid=1, uptime_s=0.0), sender="s")], MicrokernelError),
-])
+]
+
+
+def _check_outcome(call, outcome) -> None:
+    if isinstance(outcome, type):
+        with pytest.raises(outcome) as info:
+            call()
+        if outcome is MicrokernelError:
+            assert info.value.code == ErrorCode.MALFORMED and "ping_reply" in str(info.value)
+        else:
+            assert info.value.code == ErrorCode.HANDLER_ERROR
+    else:
+        assert call() == outcome
+
+
+@pytest.mark.parametrize("answer, outcome", _ANSWERS)
 def test_sync_requester_call(answer, outcome) -> None:
     with answered(answer) as requester:
-        if isinstance(outcome, type):
-            with pytest.raises(outcome) as info:
-                requester.call("m", {}, timeout=10)
-            if outcome is MicrokernelError:
-                assert info.value.code == ErrorCode.MALFORMED and "ping_reply" in str(info.value)
+        _check_outcome(lambda: requester.call("m", {}, timeout=10), outcome)
+
+
+@pytest.mark.parametrize("deadline", [True, False])  # without one: the general encoder's frames
+@pytest.mark.parametrize("answer, outcome", _ANSWERS)
+def test_async_requester_call(answer, outcome, deadline: bool) -> None:
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://answered-async-{id(answer)}-{deadline}"
+    peer = Peer(ctx, endpoint, answer)
+
+    async def main() -> object:
+        requester = AsyncRequester(ctx, [endpoint], sender="caller")
+        try:
+            return await requester.call("m", {}, timeout=10 if deadline else None)
+        finally:
+            requester.close()
+
+    try:
+        with asyncio.Runner() as runner:
+            _check_outcome(lambda: runner.run(main()), outcome)
+    finally:
+        peer.close()
+
+
+def test_async_requester_matches_replies_of_calls_and_requests_out_of_order() -> None:
+    # Two call()s and a request() in flight on one DEALER, answered in reverse order, one with an error.
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("inproc://out-of-order")
+
+    def serve() -> None:
+        got = [router.recv_multipart() for _ in range(3)]
+        for frames in reversed(got):
+            env = wire.decode(frames)
+            if env.msg_type == "ping_request":
+                reply = wire.encode_reply(env.header, m.PingReply(version="1.3", pid=7, uptime_s=0.0), sender="s")
+            elif env.message.args["n"] == 2:
+                reply = wire.encode_error(env.header, ErrorCode.HANDLER_ERROR, "two", sender="s")
             else:
-                assert info.value.code == ErrorCode.HANDLER_ERROR
-        else:
-            assert requester.call("m", {}, timeout=10) == outcome
+                reply = wire.encode_result(env.header, env.message.args["n"] * 10, sender="s")
+            router.send_multipart([frames[0], *reply])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> list:
+        requester = AsyncRequester(ctx, ["inproc://out-of-order"], sender="caller")
+        try:
+            return await asyncio.gather(requester.call("m", {"n": 1}, timeout=10),
+                                        requester.call("m", {"n": 2}, timeout=10),
+                                        requester.request(m.PingRequest(), timeout=10), return_exceptions=True)
+        finally:
+            requester.close()
+
+    try:
+        first, second, ping = asyncio.run(main())
+    finally:
+        thread.join(10)
+        router.close()
+    assert first == 10
+    assert isinstance(second, RemoteError) and second.code == ErrorCode.HANDLER_ERROR and second.reason == "two"
+    assert ping.message.pid == 7
 
 
 def test_sync_requester_call_without_a_peer_raises_no_peer(tmp_path) -> None:
