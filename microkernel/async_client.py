@@ -32,7 +32,6 @@ from microkernel.client_base import (
     lifecycle_timeout,
     no_reply,
     readiness,
-    reply_body,
     resolve_endpoint,
     service_entry,
     status_request,
@@ -79,19 +78,29 @@ class AsyncClient:
         return self
 
     async def _request(self, message: Any, timeout: float | None = None) -> Any:
+        """One control round trip; returns the typed reply body."""
         await self.connect()
         assert self._control is not None
+        return (await self._round_trip(self._control.request, message, timeout)).message
+
+    async def _request_map(self, message: Any, timeout: float | None = None) -> dict[str, Any]:
+        """One control round trip; returns the reply's fields as a plain dict."""
+        await self.connect()
+        assert self._control is not None
+        return await self._round_trip(self._control.request_map, message, timeout)
+
+    async def _round_trip(self, exchange: Callable[..., Any], message: Any, timeout: float | None) -> Any:
         t = self.timeout if timeout is None else timeout
         if not self._contacted and t > self.timeout:
-            await self._request(PING_REQUEST)
+            await self._request(PING_REQUEST)  # a dead kernel must not cost a long timeout
         try:
-            env = await self._control.request(message, timeout=t)
+            reply = await exchange(message, timeout=t)
         except CallTimeout:
             if not self._contacted:
                 raise no_reply(self.endpoint, t) from None
             raise
         self._contacted = True
-        return env.message
+        return reply
 
     async def _events_url(self) -> str:
         if self._events_endpoint is None:
@@ -116,11 +125,11 @@ class AsyncClient:
 
     async def ping(self) -> dict[str, Any]:
         """The kernel's identity: ``{version, pid, uptime_s}``."""
-        return reply_body(await self._request(PING_REQUEST))
+        return await self._request_map(PING_REQUEST)
 
     async def status(self, service: str | None = None, *, brief: bool = False) -> dict[str, Any]:
         """``{kernel, services}``; one service if named; ``brief`` as in ``Client.status``."""
-        return reply_body(await self._request(status_request(service, brief)))
+        return await self._request_map(status_request(service, brief))
 
     async def list(self) -> builtins.list[dict[str, Any]]:
         """The configured services and their specs."""
@@ -128,28 +137,28 @@ class AsyncClient:
 
     async def start(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Start a service. ``{service, state}``."""
-        return reply_body(await self._request(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+        return await self._request_map(messages.StartRequest(service=name, wait=wait), lifecycle_timeout(timeout))
 
     async def stop(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop every replica of a service. ``{service, state}``."""
-        return reply_body(await self._request(messages.StopRequest(service=name), lifecycle_timeout(timeout)))
+        return await self._request_map(messages.StopRequest(service=name), lifecycle_timeout(timeout))
 
     async def restart(self, name: str, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop then start a service. ``{service, state}``."""
-        return reply_body(await self._request(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout)))
+        return await self._request_map(messages.RestartRequest(service=name, wait=wait), lifecycle_timeout(timeout))
 
     async def scale(self, name: str, replicas: int, wait: bool = True, *, timeout: float | None = None) -> dict[str, Any]:
         """Change the replica count. ``{service, replicas, previous}``."""
         msg = messages.ScaleRequest(service=name, replicas=replicas, wait=wait)
-        return reply_body(await self._request(msg, lifecycle_timeout(timeout)))
+        return await self._request_map(msg, lifecycle_timeout(timeout))
 
     async def lookup(self, name: str) -> dict[str, Any]:
         """``{service, endpoints, methods, ready, replicas}``."""
-        return reply_body(await self._request(messages.LookupRequest(service=name)))
+        return await self._request_map(messages.LookupRequest(service=name))
 
     async def shutdown(self) -> dict[str, Any]:
         """Ask the kernel to stop every service and exit. ``{services}``."""
-        return reply_body(await self._request(messages.ShutdownRequest()))
+        return await self._request_map(messages.ShutdownRequest())
 
     async def add_service(
         self,
@@ -165,15 +174,15 @@ class AsyncClient:
         """Add a service at run time (see ``Client.add_service``). ``{name, state}``."""
         msg = messages.AddServiceRequest(name=name, entry=entry, command=None if command is None else builtins.list(command),
                                          replicas=replicas, config=config or {}, options=options or {})
-        return reply_body(await self._request(msg, lifecycle_timeout(timeout)))
+        return await self._request_map(msg, lifecycle_timeout(timeout))
 
     async def remove_service(self, name: str, *, timeout: float | None = None) -> dict[str, Any]:
         """Stop every replica of a service and forget it. ``{name}``."""
-        return reply_body(await self._request(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout)))
+        return await self._request_map(messages.RemoveServiceRequest(name=name), lifecycle_timeout(timeout))
 
     async def reload(self, *, timeout: float | None = None) -> dict[str, Any]:
         """Re-read the kernel's configuration file and apply the difference (see ``Client.reload``)."""
-        return reply_body(await self._request(messages.ReloadRequest(), lifecycle_timeout(timeout)))
+        return await self._request_map(messages.ReloadRequest(), lifecycle_timeout(timeout))
 
     # -- resources --
 
@@ -183,7 +192,7 @@ class AsyncClient:
 
     async def leases(self) -> dict[str, Any]:
         """The GPU inventory: ``{source, devices, leases, holders, waiters, skipped}``."""
-        return reply_body(await self._request(messages.LeasesRequest()))
+        return await self._request_map(messages.LeasesRequest())
 
     async def acquire_lease(
         self,
@@ -197,7 +206,7 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """Ask for a GPU lease; ``{lease, env}`` (see Client.acquire_lease)."""
         request, wait = lease_acquire(count, memory, mode, priority, timeout, pid, self.timeout)
-        return reply_body(await self._request(request, wait))
+        return await self._request_map(request, wait)
 
     async def release_lease(self, lease_id: str) -> bool:
         """Give a lease back; False if it was not held."""

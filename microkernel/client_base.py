@@ -32,7 +32,6 @@ __all__ = [
     "lifecycle_timeout",
     "no_reply",
     "readiness",
-    "reply_body",
     "resolve_endpoint",
     "service_entry",
     "top_rows",
@@ -198,11 +197,6 @@ def status_request(service: str | None, brief: bool) -> Any:
     if service is None:
         return _STATUS_REQUESTS[bool(brief)]
     return messages.StatusRequest(service=service, brief=brief)
-
-
-def reply_body(message: Any) -> dict[str, Any]:
-    """A reply message as a plain dict (what the client methods return)."""
-    return dict(wire.body_of(message))
 
 
 # How much longer than a lease request may wait in the kernel's queue the client waits for its reply.

@@ -305,6 +305,15 @@ def raise_for_error(envelope: wire.Envelope) -> wire.Envelope:
     return envelope
 
 
+def _same_envelope(envelope: wire.Envelope) -> wire.Envelope:
+    return envelope
+
+
+def _reply_map(envelope: wire.Envelope) -> dict[str, Any]:
+    """The fields of an ok reply; ``RemoteError`` for an error reply."""
+    return wire.body_of(raise_for_error(envelope).message)
+
+
 def rpc_result(envelope: wire.Envelope) -> Any:
     """The result of an ``rpc_reply``; ``RemoteError`` for an error reply, ``MicrokernelError``
     (``malformed``) for a reply of another type."""
@@ -348,10 +357,12 @@ class AsyncRequester:
         # Requests' large payloads go by shared memory while every peer is on this host.
         self.shm_threshold = shm_threshold
         self._shm = shm_threshold if same_host(self.endpoints) else None
+        # Futures by what they are resolved with: request()'s with the envelope, call()'s with the
+        # rpc_reply's result, request_map()'s with the reply's fields. The last two read the usual
+        # reply straight from its frames, as SyncRequester.call and request_map do.
         self._pending: dict[bytes, asyncio.Future[wire.Envelope]] = {}
-        # call()'s futures, resolved with the rpc_reply's result (the usual reply is read straight
-        # from its frames, as SyncRequester.call does).
         self._calls: dict[bytes, asyncio.Future[Any]] = {}
+        self._maps: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._rpc = wire.RpcRequestEncoder(sender)
         self.on_unsolicited: Callable[[wire.Envelope], None] | None = None
         self.socket = AsyncSocket(sock, self._on_message)
@@ -372,45 +383,47 @@ class AsyncRequester:
                 pass
 
     def _on_message(self, frames: list[Any]) -> None:
-        calls = self._calls
-        if calls:
-            usual = _decode_rpc_reply(frames, self.max_size)
-            if usual is not None:
-                call = calls.pop(usual[0].parent_id, None)
-                if call is not None:
-                    if not call.done():
-                        call.set_result(usual[1])
-                    return
+        for waiting, decode_usual in ((self._calls, _decode_rpc_reply), (self._maps, _decode_reply_map)):
+            if waiting:
+                usual = decode_usual(frames, self.max_size)
+                if usual is not None:
+                    fut = waiting.pop(usual[0].parent_id, None)
+                    if fut is not None:
+                        if not fut.done():
+                            fut.set_result(usual[1])
+                        return
         try:
             env = wire.decode(frames, max_size=self.max_size)
         except ProtocolError as exc:
             # A reply that names its request but cannot be used (its shared memory is gone, it is
             # too large) fails that request at once rather than leaving it to time out.
             header = getattr(exc, "header", None)
-            parent = header.parent_id if header is not None else None
-            fut = (self._pending.pop(parent, None) or calls.pop(parent, None)) if parent else None
+            fut = self._waiter(header.parent_id)[0] if header is not None else None
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
             else:
                 log.warning("dropping an undecodable reply: %s", exc)
             return
-        parent = env.header.parent_id
-        if parent is None:
-            fut = call = None
-        else:
-            fut = self._pending.pop(parent, None)
-            call = None if fut is not None else calls.pop(parent, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(env)
-        elif call is not None:
-            if not call.done():
-                try:
-                    call.set_result(rpc_result(env))
-                except MicrokernelError as exc:  # an error reply, or a reply of another type
-                    call.set_exception(exc)
-        elif self.on_unsolicited is not None:
-            self.on_unsolicited(env)
+        fut, convert = self._waiter(env.header.parent_id)
+        if fut is None:
+            if self.on_unsolicited is not None:
+                self.on_unsolicited(env)
+        elif not fut.done():
+            try:
+                fut.set_result(convert(env))
+            except MicrokernelError as exc:  # an error reply, or (call) a reply of another type
+                fut.set_exception(exc)
+
+    def _waiter(self, parent: bytes | None) -> tuple[asyncio.Future[Any] | None, Callable[[wire.Envelope], Any]]:
+        """The future waiting for the reply to ``parent`` (taken out) and how to turn the reply's
+        envelope into its value; ``(None, ...)`` when nobody waits for it."""
+        if parent:
+            for waiting, convert in ((self._pending, _same_envelope), (self._calls, rpc_result),
+                                     (self._maps, _reply_map)):
+                fut = waiting.pop(parent, None)
+                if fut is not None:
+                    return fut, convert
+        return None, _same_envelope
 
     def send(self, message: Any, *, deadline_ns: int | None = None) -> None:
         """Fire-and-forget (one-way messages such as heartbeats)."""
@@ -431,6 +444,17 @@ class AsyncRequester:
         frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
                              shm_threshold=self._shm, handoffs=handoffs)
         return raise_for_error(await self._exchange(self._pending, msg_id, frames, handoffs, timeout, try_now, message))
+
+    async def request_map(self, message: Any, *, timeout: float | None = None) -> dict[str, Any]:
+        """``request``'s reply as the map of its fields (what the clients return), read from the
+        usual reply's frames without building the reply message (see ``SyncRequester.request_map``)."""
+        msg_id = _new_msg_id()
+        deadline_ns = None if timeout is None else _time_ns() + int(timeout * 1e9)
+        if type(message) is _Packed:
+            frames = wire.packed_request(message, self.sender, msg_id, deadline_ns)
+        else:
+            frames = wire.encode(message, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns)
+        return await self._exchange(self._maps, msg_id, frames, _NO_HANDOFFS, timeout, False, message)
 
     async def call(self, method: str, args: dict[str, Any], *, timeout: float | None = None,
                    deadline_ns: int | None = None, try_now: bool = False) -> Any:
@@ -475,7 +499,7 @@ class AsyncRequester:
             pending.pop(msg_id, None)
 
     def close(self) -> None:
-        for pending in (self._pending, self._calls):
+        for pending in (self._pending, self._calls, self._maps):
             for fut in pending.values():
                 if not fut.done():
                     fut.set_exception(MicrokernelError(ErrorCode.UNAVAILABLE, "connection closed"))

@@ -1,5 +1,5 @@
 """The clients' reply path: ``map_builder_of``, ``wire.decode_reply_map`` and
-``SyncRequester.request_map`` give exactly the map the general decoder's message gives, and leave
+``Sync/AsyncRequester.request_map`` give exactly the map the general decoder's message gives, and leave
 everything unusual to it. Also the AsyncSocket's receive on a wake-up, with and without a message."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from protocols import messages as m
 from protocols import wire
 from protocols.errors import ErrorCode, ProtocolError, RemoteError
 from protocols.registry import build, map_builder_of
-from protocols.transport import AsyncSocket
+from protocols.transport import AsyncRequester, AsyncSocket
 from tests.unit.test_wire import ALL, message_strategy, msgpack_values
-from tests.unit.test_wire_rpc_fastpath import answered
+from tests.unit.test_wire_rpc_fastpath import Peer, answered
 
 CEILING = 10.0  # seconds; every wait returns as soon as its condition holds
 
@@ -122,7 +122,7 @@ def test_decode_reply_map_respects_the_size_limit() -> None:
 PING = m.PingReply(version="1.3", pid=7, uptime_s=2.5)
 
 
-@pytest.mark.parametrize("answer, outcome", [
+_ANSWERS = [
     # a late reply to an earlier request first: ignored
     (lambda h: [_reply(m.PingReply(version="old", pid=1, uptime_s=0.0), b"0" * 16), _reply(PING, h.msg_id)],
      {"version": "1.3", "pid": 7, "uptime_s": 2.5}),
@@ -135,18 +135,46 @@ PING = m.PingReply(version="1.3", pid=7, uptime_s=2.5)
     # the reply to this request, but invalid: the general decoder's error, naming the field
     (lambda h: [[wire.MAGIC, _reply(PING, h.msg_id)[1], msgpack.packb({"version": "2", "pid": "three"})]],
      ProtocolError),
-])
+]
+
+
+def _check_map(request_map: Any, outcome: Any) -> None:
+    if isinstance(outcome, type):
+        with pytest.raises(outcome) as info:
+            request_map()
+        if outcome is RemoteError:
+            assert info.value.code == ErrorCode.UNKNOWN_SERVICE
+        else:
+            assert info.value.code == ErrorCode.INVALID_FIELD and "pid" in str(info.value)
+    else:
+        assert request_map() == outcome
+
+
+@pytest.mark.parametrize("answer, outcome", _ANSWERS)
 def test_sync_requester_request_map(answer, outcome) -> None:
     with answered(answer) as requester:
-        if isinstance(outcome, type):
-            with pytest.raises(outcome) as info:
-                requester.request_map(m.PingRequest(), timeout=10)
-            if outcome is RemoteError:
-                assert info.value.code == ErrorCode.UNKNOWN_SERVICE
-            else:
-                assert info.value.code == ErrorCode.INVALID_FIELD and "pid" in str(info.value)
-        else:
-            assert requester.request_map(m.PingRequest(), timeout=10) == outcome
+        _check_map(lambda: requester.request_map(m.PingRequest(), timeout=10), outcome)
+
+
+@pytest.mark.parametrize("packed", [False, True])  # a request packed once (what monitoring loops send)
+@pytest.mark.parametrize("answer, outcome", _ANSWERS)
+def test_async_requester_request_map(answer, outcome, packed: bool) -> None:
+    ctx = zmq.Context.instance()
+    endpoint = f"inproc://map-async-{id(answer)}-{packed}"
+    peer = Peer(ctx, endpoint, answer)
+    request = wire.pack_message(m.PingRequest()) if packed else m.PingRequest()
+
+    async def main() -> Any:
+        requester = AsyncRequester(ctx, [endpoint], sender="caller")
+        try:
+            return await requester.request_map(request, timeout=CEILING)
+        finally:
+            requester.close()
+
+    try:
+        _check_map(lambda: asyncio.run(main()), outcome)
+    finally:
+        peer.close()
 
 
 async def _wake_up_cases() -> None:
