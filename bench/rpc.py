@@ -18,6 +18,8 @@ Prints exactly one JSON line on stdout (progress on stderr). What is measured:
 * ``*_pipelined_per_s``: one client keeping a window of 100 requests in flight (ours: the frames
   ``SyncRequester.call`` sends, ``wire.RpcRequestEncoder``, and its decoding of the replies,
   ``wire.decode_rpc_reply``, on a DEALER connected to the endpoint from a lookup; raw: msgpack).
+* ``call_many_pipelined_per_s``: the same window through the public API, ``Client.call_many``
+  (its ratio to raw sync as ``call_many_vs_raw_sync``; informational).
 * ``events_per_s``: ``bench.services:Publisher.burst`` publishes from inside an RPC handler
   (``Service.publish`` in a loop) through the kernel's XSUB/XPUB proxy to a
   ``protocols.subscription.SyncSubscriber`` that decodes every event; ``raw_pubsub_per_s``: a
@@ -143,6 +145,17 @@ def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) 
     elapsed = time.perf_counter() - t0
     assert result["text"] == PAYLOAD_TEXT
     sock.close()
+    return n / elapsed
+
+
+def pipelined_call_many(client: Any, n: int, window: int) -> float:
+    """Calls/s of ``Client.call_many`` with ``window`` calls in flight: the public pipelining API."""
+    calls = ({"text": PAYLOAD_TEXT} for _ in range(n))
+    t0 = time.perf_counter()
+    for result in client.call_many("echo", "echo", calls, window=window):
+        pass
+    elapsed = time.perf_counter() - t0
+    assert result["text"] == PAYLOAD_TEXT
     return n / elapsed
 
 
@@ -315,13 +328,14 @@ def run(plan: Plan) -> dict[str, Any]:
 
             # Pipelined: interleaved rounds, best of each.
             endpoints = client.lookup("echo")["endpoints"]
-            p_sync, p_async, p_ours = [], [], []
+            p_sync, p_async, p_ours, p_many = [], [], [], []
             for _ in range(plan.pipelined_rounds):
                 p_sync.append(raw.pipelined_raw(raw_sync, plan.pipelined_n, WINDOW))
                 p_async.append(raw.pipelined_raw(raw_async, plan.pipelined_n, WINDOW))
                 p_ours.append(pipelined_ours(ctx, endpoints, plan.pipelined_n, WINDOW))
-            log(f"pipelined/s: ours {[round(x) for x in p_ours]} raw sync {[round(x) for x in p_sync]} "
-                f"raw async {[round(x) for x in p_async]}")
+                p_many.append(pipelined_call_many(client, plan.pipelined_n, WINDOW))
+            log(f"pipelined/s: ours {[round(x) for x in p_ours]} call_many {[round(x) for x in p_many]} "
+                f"raw sync {[round(x) for x in p_sync]} raw async {[round(x) for x in p_async]}")
             p_async_client = pipelined_async_client(daemon.control, plan.async_client_n, WINDOW)
             log(f"pipelined AsyncClient.call/s: {p_async_client:.0f}")
 
@@ -359,6 +373,8 @@ def run(plan: Plan) -> dict[str, Any]:
             "raw_sync_pipelined_per_s": round(max(p_sync)),
             "raw_async_pipelined_per_s": round(max(p_async)),
             "pipelined_vs_raw_sync": ratio(max(p_ours), max(p_sync)),
+            "call_many_pipelined_per_s": round(max(p_many)),
+            "call_many_vs_raw_sync": ratio(max(p_many), max(p_sync)),
             "async_client_pipelined_per_s": round(p_async_client),
             "events_per_s": round(ev_ours["per_s"]),
             "events_received_frac": round(ev_ours["received"] / plan.events_n, 3),

@@ -31,7 +31,7 @@ from __future__ import annotations
 import builtins
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from protocols import messages, wire
@@ -282,6 +282,24 @@ class Client:
         if not self._contacted:
             self._request(PING_REQUEST)  # tell "no kernel" from "slow service"
         return self._directory.call(service, method, args, timeout=self.timeout if timeout is None else timeout)
+
+    def call_many(self, service: str, method: str, calls: Iterable[dict[str, Any]], *, window: int = 64,
+                  timeout: float | None = None) -> Iterator[Any]:
+        """Call ``method`` of ``service`` once per argument map in ``calls``, with up to ``window``
+        calls in flight at once over the data plane (pipelined, spread over its ready replicas);
+        yields the results in the order of ``calls``.
+
+        For many small calls this is several times the rate of ``call`` in a loop. ``calls`` is
+        read lazily (at most ``window`` ahead), so it may be a generator. Each call has its own
+        ``timeout`` (default the client's), counted from its sending. A failed call raises when its
+        result is due, after every earlier result; the calls still in flight are then abandoned.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        if not self._contacted:
+            self._request(PING_REQUEST)  # tell "no kernel" from "slow service"
+        return self._directory.call_many(service, method, calls, window=window,
+                                         timeout=self.timeout if timeout is None else timeout)
 
     # -- events --
 

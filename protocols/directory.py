@@ -11,8 +11,9 @@ looked up again instead of waiting out the call's timeout.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -22,6 +23,7 @@ from protocols.errors import CallTimeout, ErrorCode, MicrokernelError
 from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
 LOOKUP_TTL_S = 2.0
+_END = object()
 
 
 def _left(end: float, timeout: float, service: str) -> float:
@@ -156,6 +158,29 @@ class SyncDirectory:
             except NoPeer:
                 route, _ = self._route(service, _left(end, timeout, service), refresh=True)
                 return route.requester.call(method, args, timeout=_left(end, timeout, service))
+        except MicrokernelError as exc:
+            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
+                route.expires = 0.0
+            raise
+
+    def call_many(self, service: str, method: str, calls: Iterable[dict[str, Any]], *, timeout: float = 30.0,
+                  window: int = 64) -> Iterator[Any]:
+        """``call`` for every argument map of ``calls``, pipelined (``SyncRequester.call_many``):
+        the results in order. One lookup for all of them; a cached route whose replicas are all
+        gone is looked up again before the first request leaves."""
+        pending = iter(calls)
+        first = next(pending, _END)
+        if first is _END:
+            return
+        route, cached = self._route(service, timeout)
+        try:
+            try:
+                yield from route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
+                                                     window=window, try_now=cached)
+            except NoPeer:  # raised by the first request, before any result: nothing was consumed but it
+                route, _ = self._route(service, timeout, refresh=True)
+                yield from route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
+                                                     window=window)
         except MicrokernelError as exc:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
                 route.expires = 0.0

@@ -14,7 +14,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
@@ -42,6 +42,7 @@ _decode_rpc_reply = wire.decode_rpc_reply
 _decode_reply_map = wire.decode_reply_map
 _Packed = wire.Packed
 _NO_HANDOFFS: list[str] = []  # never appended to: a packed request carries no buffers
+_AWAITED = object()  # call_many: a request in flight whose reply has not come
 _monotonic = time.monotonic
 _time_ns = time.time_ns
 # The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
@@ -615,12 +616,57 @@ class SyncRequester:
         result, env = self._await_reply(msg_id, deadline, timeout, "rpc_request", _decode_rpc_reply)
         return result if env is None else rpc_result(env)
 
+    def call_many(self, method: str, calls: Iterable[dict[str, Any]], *, timeout: float, window: int = 64,
+                  try_now: bool = False) -> Iterator[Any]:
+        """``call(method, args)`` for every ``args`` of ``calls``, up to ``window`` requests in flight
+        at once (pipelined); yields the results in the order of ``calls``.
+
+        ``calls`` is read lazily, at most ``window`` ahead of the results taken. Each request has
+        its own ``timeout``, counted from its sending. A failed call raises (``RemoteError``,
+        ``CallTimeout``, ...) when its result is due, after every earlier result; requests still
+        in flight are then abandoned (their replies are skipped like late replies). ``try_now``
+        applies to the first request (``NoPeer`` before anything is yielded).
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        encode = self._rpc.encode
+        timeout_ns = int(timeout * 1e9)
+        inflight: collections.deque[tuple[bytes, float]] = collections.deque()  # (msg_id, due), in send order
+        replies: dict[bytes, Any] = {}  # msg_id -> _AWAITED, then the reply that came before its turn
+        pending = iter(calls)
+        more = True
+        while True:
+            while more and len(inflight) < window:
+                args = next(pending, _AWAITED)
+                if args is _AWAITED:
+                    more = False
+                    break
+                msg_id = _new_msg_id()
+                handoffs: list[str] = []
+                frames = encode(method, args, msg_id, _time_ns() + timeout_ns, self._shm, handoffs)
+                self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
+                try_now = False
+                inflight.append((msg_id, _monotonic() + timeout))
+                replies[msg_id] = _AWAITED
+            if not inflight:
+                return
+            msg_id, due = inflight.popleft()
+            reply = replies.pop(msg_id)
+            if reply is _AWAITED:
+                reply = self._await_reply(msg_id, due, timeout, "rpc_request", _decode_rpc_reply, replies)
+            elif isinstance(reply, BaseException):
+                raise reply
+            result, env = reply
+            yield result if env is None else rpc_result(env)
+
     def _await_reply(self, msg_id: bytes, deadline: float, timeout: float, what: Any,
                      decode_usual: Callable[[list[Any], int | None], tuple[wire.Header, Any] | None],
-                     ) -> tuple[Any, wire.Envelope | None]:
+                     others: dict[bytes, Any] | None = None) -> tuple[Any, wire.Envelope | None]:
         """The reply to ``msg_id``: ``(value, None)`` when ``decode_usual`` reads it, else ``(None,
         envelope)`` from the general decoder (which raises for an error reply). Late replies to
-        earlier requests that timed out are skipped; ``what`` names the request in a timeout."""
+        earlier requests that timed out are skipped; ``what`` names the request in a timeout.
+        ``others`` (``call_many``): the replies of other requests in flight, keyed ``_AWAITED``
+        until they come, are kept there as they come (an undecodable one as its error)."""
         max_size = self.max_size
         timeouts = self._timeouts
         sock = self.sock
@@ -640,10 +686,13 @@ class SyncRequester:
                                   f"within {timeout:g}s") from None
             usual = decode_usual(frames_in, max_size)
             if usual is not None:
-                if usual[0].parent_id == msg_id:
+                parent = usual[0].parent_id
+                if parent == msg_id:
                     return usual[1], None
+                if others is not None and others.get(parent) is _AWAITED:
+                    others[parent] = (usual[1], None)
                 continue
-            env = self._reply_to(frames_in, msg_id)
+            env = self._reply_to(frames_in, msg_id, others)
             if env is not None:
                 return None, env
 
@@ -669,20 +718,27 @@ class SyncRequester:
                 raise CallTimeout(f"could not send {_label(what)} to {', '.join(self.endpoints)} within {timeout:g}s "
                                   "(nobody is listening)") from None
 
-    def _reply_to(self, frames_in: list[Any], msg_id: bytes) -> wire.Envelope | None:
+    def _reply_to(self, frames_in: list[Any], msg_id: bytes, others: dict[bytes, Any] | None = None,
+                  ) -> wire.Envelope | None:
         """The decoded reply to ``msg_id`` (``RemoteError`` for an error reply), or None when
-        ``frames_in`` is something else: a late reply to an earlier request, or undecodable."""
+        ``frames_in`` is something else: a late reply to an earlier request, or undecodable (or a
+        reply of one of ``others``, kept there: see ``_await_reply``)."""
         try:
             env = wire.decode(frames_in, max_size=self.max_size)
         except ProtocolError as exc:
             header = getattr(exc, "header", None)
             if header is not None and header.parent_id == msg_id:
                 raise  # the reply to this request cannot be used (see AsyncRequester._on_message)
+            if header is not None and others is not None and others.get(header.parent_id) is _AWAITED:
+                others[header.parent_id] = exc
+                return None
             log.warning("dropping an undecodable reply: %s", exc)
             return None
         header = env.header
         if header.parent_id != msg_id:
-            return None  # a late reply to an earlier request that timed out: ignore it
+            if others is not None and others.get(header.parent_id) is _AWAITED:
+                others[header.parent_id] = (None, env)
+            return None  # else a late reply to an earlier request that timed out: ignore it
         if header.status == wire.STATUS_ERROR:
             err = env.message
             raise RemoteError(err.code, err.reason, err.details)

@@ -201,6 +201,45 @@ def test_status_list_lookup_and_calls(kernel: KernelHandle) -> None:
         assert info.value.code is ErrorCode.UNKNOWN_SERVICE
 
 
+def test_call_many_pipelines_calls_and_yields_results_in_order(kernel: KernelHandle) -> None:
+    with Client(runtime_dir=kernel.runtime_dir, name="test") as client:
+        client.wait_ready("echo", timeout=CEILING)
+        texts = [f"t{i}" for i in range(300)]
+        consumed: list[str] = []
+
+        def calls():  # noqa: ANN202 - a generator of argument maps
+            for t in texts:
+                consumed.append(t)
+                yield {"text": t}
+
+        results = client.call_many("echo", "echo", calls(), window=8)
+        first = next(results)
+        assert first["text"] == "t0" and len(consumed) == 8  # read lazily: one window ahead
+        rest = list(results)
+        assert [r["text"] for r in [first, *rest]] == texts
+        assert {r["replica"] for r in rest} == {0, 1}  # spread over both replicas
+
+        # Replies that come out of order (the first sleeps) are still yielded in call order.
+        assert list(client.call_many("echo", "sleep", [{"seconds": 0.3}, {"seconds": 0}, {"seconds": 0}])) == [0.3, 0, 0]
+        assert list(client.call_many("echo", "echo", [])) == []
+
+        # A failed call raises at its turn, after the earlier results; the client stays usable.
+        results = client.call_many("echo", "echo", [{"text": "a"}, {"text": "b"}, {"nope": 1}, {"text": "d"}])
+        assert [next(results)["text"], next(results)["text"]] == ["a", "b"]
+        with pytest.raises(RemoteError) as info:
+            next(results)
+        assert info.value.code is ErrorCode.INVALID_FIELD
+        assert client.call("echo", "echo", text="after")["text"] == "after"  # "d"'s reply is skipped
+
+        with pytest.raises(CallTimeout):
+            list(client.call_many("echo", "sleep", [{"seconds": 0}, {"seconds": 5}], timeout=0.5))
+        with pytest.raises(RemoteError) as info:
+            list(client.call_many("nope", "echo", [{"text": "x"}]))
+        assert info.value.code is ErrorCode.UNKNOWN_SERVICE
+        with pytest.raises(ValueError):
+            client.call_many("echo", "echo", [{"text": "x"}], window=0)
+
+
 @needs_daemon
 def test_one_client_per_thread(kernel: KernelHandle) -> None:
     with Client(runtime_dir=kernel.runtime_dir) as client:

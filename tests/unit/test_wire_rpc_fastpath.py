@@ -307,3 +307,52 @@ def test_recv_routed_reads_the_routing_id_and_the_message(frames: list, routing_
     finally:
         dealer.close(linger=0)
         router.close(linger=0)
+
+
+def _reverse_peer(endpoint: str, count: int, answer) -> threading.Thread:
+    """A ROUTER that takes ``count`` requests, then answers them last first with ``answer(env)``."""
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(endpoint)
+
+    def serve() -> None:
+        got = [router.recv_multipart() for _ in range(count)]
+        for frames in reversed(got):
+            router.send_multipart([frames[0], *answer(wire.decode(frames))])
+        router.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("failing", [None, 1])
+def test_sync_requester_call_many_keeps_replies_that_come_before_their_turn(failing: int | None) -> None:
+    # Three requests in flight, answered in reverse: a usual reply, an error (or a usual reply),
+    # and a reply in a layout only the general decoder reads. Results come in call order; an
+    # error raises at its turn, after the earlier results.
+    def answer(env: wire.Envelope) -> list:
+        n = env.message.args["n"]
+        if n == failing:
+            return wire.encode_error(env.header, ErrorCode.HANDLER_ERROR, f"no {n}", sender="s")
+        if n == 0:
+            return [wire.MAGIC, msgpack.packb({"msg_id": b"r" * 5, "msg_type": "rpc_reply", "version": [1, 0],
+                                               "sender": "s", "ts_ns": 1, "parent_id": env.header.msg_id,
+                                               "status": "ok"}), msgpack.packb({"result": "zero"})]
+        return wire.encode_result(env.header, n * 10, sender="s")
+
+    endpoint = f"inproc://call-many-{failing}"
+    thread = _reverse_peer(endpoint, 3, answer)
+    requester = SyncRequester(zmq.Context.instance(), [endpoint], sender="caller")
+    try:
+        results = requester.call_many("m", ({"n": n} for n in range(3)), timeout=10, window=3)
+        if failing is None:
+            assert list(results) == ["zero", 10, 20]
+        else:
+            assert next(results) == "zero"
+            with pytest.raises(RemoteError) as info:
+                next(results)
+            assert info.value.reason == "no 1"
+    finally:
+        thread.join(10)
+        requester.close()
