@@ -37,6 +37,17 @@ def test_a_cached_route_to_a_restarted_replica_is_refreshed_not_waited_out(short
         assert c.call("echo", "origin", names=[], timeout=SHORT)["pid"] != before
 
 
+def test_call_many_refreshes_a_stale_route_before_its_first_request(short_tmp: str) -> None:
+    with start_kernel(ECHO, short_tmp) as k, Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c:
+        c.wait_ready("echo", timeout=CEILING)
+        before = next(c.call_many("echo", "origin", [{"names": []}]))["pid"]  # caches the route
+        with c.events("service.*") as stream:
+            os.kill(before, signal.SIGKILL)
+            wait_event(stream, is_event("service.ready", "echo", incarnation=2))
+        pids = {r["pid"] for r in c.call_many("echo", "origin", [{"names": []}] * 20, window=4, timeout=SHORT)}
+        assert len(pids) == 1 and before not in pids
+
+
 def test_the_async_client_refreshes_a_stale_route_too(short_tmp: str) -> None:
     with start_kernel(ECHO, short_tmp) as k, Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c:
         c.wait_ready("echo", timeout=CEILING)
