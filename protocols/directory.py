@@ -167,24 +167,28 @@ class SyncDirectory:
                   window: int = 64) -> Iterator[Any]:
         """``call`` for every argument map of ``calls``, pipelined (``SyncRequester.call_many``):
         the results in order. One lookup for all of them; a cached route whose replicas are all
-        gone is looked up again before the first request leaves."""
+        gone is looked up again before the first request leaves. The first window of requests is
+        sent, and the first result awaited, before this returns."""
         pending = iter(calls)
         first = next(pending, _END)
         if first is _END:
-            return
+            return iter(())
         route, cached = self._route(service, timeout)
-        try:
-            try:
-                yield from route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
-                                                     window=window, try_now=cached)
-            except NoPeer:  # raised by the first request, before any result: nothing was consumed but it
-                route, _ = self._route(service, timeout, refresh=True)
-                yield from route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
-                                                     window=window)
-        except MicrokernelError as exc:
+
+        def failed(exc: MicrokernelError) -> None:
             if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
-                route.expires = 0.0
-            raise
+                route.expires = 0.0  # the replica set may have changed: look up again next time
+
+        results = route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
+                                            window=window, try_now=cached, failed=failed)
+        try:
+            head = next(results)
+        except NoPeer:  # the first request found no replica: nothing was read from calls but it
+            route, _ = self._route(service, timeout, refresh=True)
+            results = route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
+                                                window=window, failed=failed)
+            head = next(results)
+        return itertools.chain((head,), results)
 
     def close(self) -> None:
         for route in self._routes.values():

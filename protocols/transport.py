@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -617,47 +617,62 @@ class SyncRequester:
         return result if env is None else rpc_result(env)
 
     def call_many(self, method: str, calls: Iterable[dict[str, Any]], *, timeout: float, window: int = 64,
-                  try_now: bool = False) -> Iterator[Any]:
+                  try_now: bool = False, failed: Callable[[MicrokernelError], None] | None = None,
+                  ) -> Iterator[Any]:
         """``call(method, args)`` for every ``args`` of ``calls``, up to ``window`` requests in flight
         at once (pipelined); yields the results in the order of ``calls``.
 
         ``calls`` is read lazily, at most ``window`` ahead of the results taken. Each request has
         its own ``timeout``, counted from its sending. A failed call raises (``RemoteError``,
-        ``CallTimeout``, ...) when its result is due, after every earlier result; requests still
-        in flight are then abandoned (their replies are skipped like late replies). ``try_now``
-        applies to the first request (``NoPeer`` before anything is yielded).
+        ``CallTimeout``, ...) when its result is due, after every earlier result, and is passed to
+        ``failed`` first; requests still in flight are then abandoned (their replies are skipped
+        like late replies). ``try_now`` applies to the first request (``NoPeer`` before anything
+        is yielded).
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         encode = self._rpc.encode
+        sock = self.sock
         timeout_ns = int(timeout * 1e9)
         inflight: collections.deque[tuple[bytes, float]] = collections.deque()  # (msg_id, due), in send order
         replies: dict[bytes, Any] = {}  # msg_id -> _AWAITED, then the reply that came before its turn
         pending = iter(calls)
         more = True
-        while True:
-            while more and len(inflight) < window:
-                args = next(pending, _AWAITED)
-                if args is _AWAITED:
-                    more = False
-                    break
-                msg_id = _new_msg_id()
-                handoffs: list[str] = []
-                frames = encode(method, args, msg_id, _time_ns() + timeout_ns, self._shm, handoffs)
-                self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
-                try_now = False
-                inflight.append((msg_id, _monotonic() + timeout))
-                replies[msg_id] = _AWAITED
-            if not inflight:
-                return
-            msg_id, due = inflight.popleft()
-            reply = replies.pop(msg_id)
-            if reply is _AWAITED:
-                reply = self._await_reply(msg_id, due, timeout, "rpc_request", _decode_rpc_reply, replies)
-            elif isinstance(reply, BaseException):
-                raise reply
-            result, env = reply
-            yield result if env is None else rpc_result(env)
+        first = True
+        try:
+            while True:
+                while more and len(inflight) < window:
+                    args = next(pending, _AWAITED)
+                    if args is _AWAITED:
+                        more = False
+                        break
+                    msg_id = _new_msg_id()
+                    handoffs: list[str] = []
+                    frames = encode(method, args, msg_id, _time_ns() + timeout_ns, self._shm, handoffs)
+                    if first:  # sets the send timeout, which stays: the later sends only send
+                        self._send_request(frames, handoffs, timeout, try_now, "rpc_request")
+                        first = False
+                    else:
+                        try:
+                            send_message(sock, frames)
+                        except zmq.Again:
+                            self._send_timed_out(handoffs, timeout, "rpc_request")
+                    inflight.append((msg_id, _monotonic() + timeout))
+                    replies[msg_id] = _AWAITED
+                if not inflight:
+                    return
+                msg_id, due = inflight.popleft()
+                reply = replies.pop(msg_id)
+                if reply is _AWAITED:
+                    reply = self._await_reply(msg_id, due, timeout, "rpc_request", _decode_rpc_reply, replies)
+                elif isinstance(reply, BaseException):
+                    raise reply
+                result, env = reply
+                yield result if env is None else rpc_result(env)
+        except MicrokernelError as exc:
+            if failed is not None and not isinstance(exc, NoPeer):
+                failed(exc)
+            raise
 
     def _await_reply(self, msg_id: bytes, deadline: float, timeout: float, what: Any,
                      decode_usual: Callable[[list[Any], int | None], tuple[wire.Header, Any] | None],
@@ -713,10 +728,14 @@ class SyncRequester:
             try:
                 send_message(sock, frames)
             except zmq.Again:
-                if handoffs:
-                    handover.reclaim(handoffs)
-                raise CallTimeout(f"could not send {_label(what)} to {', '.join(self.endpoints)} within {timeout:g}s "
-                                  "(nobody is listening)") from None
+                self._send_timed_out(handoffs, timeout, what)
+
+    def _send_timed_out(self, handoffs: list[str], timeout: float, what: Any) -> NoReturn:
+        """A blocking send found no room within its SNDTIMEO: reclaim its hand-overs and raise."""
+        if handoffs:
+            handover.reclaim(handoffs)
+        raise CallTimeout(f"could not send {_label(what)} to {', '.join(self.endpoints)} within {timeout:g}s "
+                          "(nobody is listening)") from None
 
     def _reply_to(self, frames_in: list[Any], msg_id: bytes, others: dict[bytes, Any] | None = None,
                   ) -> wire.Envelope | None:
