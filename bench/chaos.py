@@ -286,9 +286,11 @@ class ChaosDriver(threading.Thread):
         self.stopped[pid] = created
         self._signal(pid, signal.SIGSTOP)
         self.actions[kind] += 1
-        self.stop_event.wait(hold)  # the hang itself
+        interrupted = self.stop_event.wait(hold)  # the hang itself; the soak's end cuts it short
         outcome = "survived" if self._same_process(pid, created) else "killed_by_kernel"
-        if past_liveness and outcome == "survived":
+        if interrupted and outcome == "survived":
+            outcome = "cut_short"  # ended before its time: too short to tell a kill in time from a late one
+        elif past_liveness and outcome == "survived":
             # Late rather than never? Give the kernel a while longer (a ceiling) before resuming it.
             try:
                 psutil.Process(pid).wait(LATE_KILL_CEILING_S)
@@ -298,7 +300,7 @@ class ChaosDriver(threading.Thread):
             except psutil.NoSuchProcess:
                 outcome = "killed_late"
             self.hang_survivors.append(f"{name}/{replica} pid {pid}: {outcome}")
-        if outcome == "survived":
+        if outcome in ("survived", "cut_short"):
             self._signal(pid, signal.SIGCONT)
         self.stopped.pop(pid, None)
         self.hangs[f"{kind}:{outcome}"] += 1

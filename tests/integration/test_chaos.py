@@ -201,3 +201,33 @@ depends_on = ["store"]
             assert outcome[0] == "train.finished", f"the job ended with {outcome}"
     finally:
         open_gate(gate)
+
+
+def test_a_hang_cut_short_by_the_end_of_the_soak_is_not_judged() -> None:
+    # Found by a 30-minute soak: a replica SIGSTOPped just before the soak ended had its hang cut
+    # short; it was still alive (its liveness not yet spent), so the driver waited on and counted
+    # the kernel's kill, in time by its own clock, as "killed_late".
+    import random
+
+    import psutil
+
+    from bench.chaos import ChaosDriver
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+    class OneReplica:
+        def status(self) -> dict:
+            return {"services": [{"name": "echo", "replicas": [{"replica": 0, "state": "ready", "pid": child.pid}]}]}
+
+    try:
+        ended = threading.Event()
+        ended.set()  # the soak is over before the hang could run its course
+        driver = ChaosDriver(None, None, None, ended, random.Random(1), end_at=time.monotonic(),  # type: ignore[arg-type]
+                             interval=(1.0, 2.0), restart_every=0.0, names=["echo"])
+        driver.hang_replica(OneReplica(), past_liveness=True)  # type: ignore[arg-type]
+        assert dict(driver.hangs) == {"sigstop_past_liveness:cut_short": 1}
+        assert driver.hang_survivors == [] and driver.stopped == {}
+        assert psutil.Process(child.pid).status() != psutil.STATUS_STOPPED  # resumed
+    finally:
+        child.kill()
+        child.wait()
