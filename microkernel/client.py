@@ -289,10 +289,11 @@ class Client:
         calls in flight at once over the data plane (pipelined, spread over its ready replicas);
         yields the results in the order of ``calls``.
 
-        For many small calls this is several times the rate of ``call`` in a loop. ``calls`` is
-        read lazily (at most ``window`` ahead), so it may be a generator. Each call has its own
-        ``timeout`` (default the client's), counted from its sending. A failed call raises when its
-        result is due, after every earlier result; the calls still in flight are then abandoned.
+        For many small calls this is two to three times the rate of ``call`` in a loop.
+        ``calls`` is read lazily (at most ``window`` ahead), so it may be a generator. Each call has
+        its own ``timeout`` (default the client's), counted from its sending. A failed call raises
+        when its result is due, after every earlier result; the calls still in flight are then
+        abandoned.
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")

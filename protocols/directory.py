@@ -47,6 +47,12 @@ class _Route:
         self.requester = requester
         self.expires = expires
 
+    def failed(self, exc: MicrokernelError) -> None:
+        """A call over this route failed with ``exc``: after a timeout or a replica going away the
+        replica set may have changed, so the next call looks it up again."""
+        if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
+            self.expires = 0.0
+
     def update(self, endpoints: Sequence[str]) -> None:
         current = set(self.requester.endpoints)
         wanted = set(endpoints)
@@ -106,9 +112,8 @@ class AsyncDirectory:
                 route, _ = await self._route(service, _left(end, timeout, service), refresh=True)
                 return await route.requester.call(method, args, timeout=_left(end, timeout, service),
                                                   deadline_ns=deadline_ns)
-        except (CallTimeout, MicrokernelError) as exc:
-            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
-                route.expires = 0.0  # the replica set may have changed: look up again next time
+        except MicrokernelError as exc:  # CallTimeout included
+            route.failed(exc)
             raise
 
     def close(self) -> None:
@@ -159,8 +164,7 @@ class SyncDirectory:
                 route, _ = self._route(service, _left(end, timeout, service), refresh=True)
                 return route.requester.call(method, args, timeout=_left(end, timeout, service))
         except MicrokernelError as exc:
-            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
-                route.expires = 0.0
+            route.failed(exc)
             raise
 
     def call_many(self, service: str, method: str, calls: Iterable[dict[str, Any]], *, timeout: float = 30.0,
@@ -174,19 +178,14 @@ class SyncDirectory:
         if first is _END:
             return iter(())
         route, cached = self._route(service, timeout)
-
-        def failed(exc: MicrokernelError) -> None:
-            if exc.code in (ErrorCode.TIMEOUT, ErrorCode.SHUTTING_DOWN, ErrorCode.UNAVAILABLE):
-                route.expires = 0.0  # the replica set may have changed: look up again next time
-
         results = route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
-                                            window=window, try_now=cached, failed=failed)
+                                            window=window, try_now=cached, failed=route.failed)
         try:
             head = next(results)
         except NoPeer:  # the first request found no replica: nothing was read from calls but it
             route, _ = self._route(service, timeout, refresh=True)
             results = route.requester.call_many(method, itertools.chain((first,), pending), timeout=timeout,
-                                                window=window, failed=failed)
+                                                window=window, failed=route.failed)
             head = next(results)
         return itertools.chain((head,), results)
 
