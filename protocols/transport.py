@@ -94,17 +94,13 @@ recv_routed = functools.partial(_receive, True)
 
 
 def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
-    """Send one multipart message, zero-copy only when it carries large buffers."""
-    copy = True
-    for f in frames:
-        if type(f) is not bytes or len(f) >= ZERO_COPY_THRESHOLD:
-            copy = False
-            break
+    """Send one multipart message: a small ``bytes`` frame is copied (cheaper than tracking its
+    memory), any other frame (a large one, a buffer, an array) is sent zero-copy."""
     more = flags | _SNDMORE
-    last = len(frames) - 1
-    for i in range(last):
-        _send(sock, frames[i], more, copy)
-    _send(sock, frames[last], flags, copy)
+    for f in frames[:-1]:
+        _send(sock, f, more, type(f) is bytes and len(f) < ZERO_COPY_THRESHOLD)
+    f = frames[-1]
+    _send(sock, f, flags, type(f) is bytes and len(f) < ZERO_COPY_THRESHOLD)
 
 
 def _label(what: Any) -> str:

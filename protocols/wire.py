@@ -554,16 +554,19 @@ def encode_rpc_request(
     return [MAGIC, header, packed]
 
 
-def _pack_inline(body: dict[str, Any]) -> bytes | None:
-    """``body`` packed, when it needs no buffer frame and stays below the inline limit; else None.
+class _NotInline(Exception):
+    """Raised by the RPC encoders' packer for a value it leaves to the general encoder."""
 
-    For the RPC encoders, whose callers have checked that no top-level value is a binary."""
-    p = _packers
-    p.buffers = buffers = []
-    packed = p.body.pack(body)
-    if buffers or len(packed) >= INLINE_BYTES_LIMIT:
-        return None
-    return packed
+
+def _not_inline(obj: Any) -> Any:
+    raise _NotInline
+
+
+def _inline_packer() -> Callable[[Any], bytes]:
+    """The ``pack`` of an RPC encoder's own packer: msgpack's types only (``_NotInline`` for an
+    array or any other value, which the general encoder then takes). An encoder belongs to one
+    socket's owner (a thread, or a loop), so its packer is never shared between threads."""
+    return msgpack.Packer(use_bin_type=True, default=_not_inline).pack
 
 
 class RpcRequestEncoder:
@@ -574,21 +577,26 @@ class RpcRequestEncoder:
     Both give the same bytes.
     """
 
-    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail")
+    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail", "_pack_body")
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
         key = ("rpc_request", sender, None, False, True)
         self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
+        self._pack_body = _inline_packer()
 
     def encode(self, method: str, args: dict[str, Any], msg_id: bytes, deadline_ns: int,
                shm_threshold: int | None = None, handoffs: list[str] | None = None) -> list[Any]:
         if (type(args) is dict and _BINARY_TYPES.isdisjoint(map(type, args.values())) and len(msg_id) == 16
                 and 0x1_0000_0000 <= deadline_ns <= _U64_MAX):
-            packed = _pack_inline({"method": method, "args": args})
-            if packed is not None:
-                header = self._pack(self._head, msg_id, self._middle, _time_ns(), _DEADLINE_U64, deadline_ns, self._tail)
-                return [MAGIC, header, packed]
+            try:
+                packed = self._pack_body({"method": method, "args": args})
+            except _NotInline:
+                pass  # an array (or a value msgpack cannot take) further in: the general encoder's
+            else:
+                if len(packed) < INLINE_BYTES_LIMIT:
+                    header = self._pack(self._head, msg_id, self._middle, _time_ns(), _DEADLINE_U64, deadline_ns, self._tail)
+                    return [MAGIC, header, packed]
         return encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
                                   shm_threshold=shm_threshold, handoffs=handoffs)
 
@@ -597,24 +605,28 @@ class RpcReplyEncoder:
     """``encode_result`` for one sender: the data plane's hot path.
 
     The usual result (a scalar, or a map without binaries or arrays, packing small) is built from
-    the sender's header layout and one packing; for anything else ``encode`` returns None and the
-    caller takes ``encode_result``. Both give the same bytes. Raises what packing raises
-    (``TypeError`` for a value msgpack cannot take).
+    the sender's header layout and one packing; for anything else (including a value msgpack
+    cannot take) ``encode`` returns None and the caller takes ``encode_result``. Both give the
+    same bytes.
     """
 
-    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail")
+    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail", "_pack_body")
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
         key = ("rpc_reply", sender, STATUS_OK, True, False)
         self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
+        self._pack_body = _inline_packer()
 
     def encode(self, routing_id: bytes, request_id: bytes, result: Any) -> list[Any] | None:
         t = type(result)
         if ((t is dict and _BINARY_TYPES.isdisjoint(map(type, result.values())) or t in _SCALARS)
                 and len(request_id) == 16):
-            packed = _pack_inline({"result": result})
-            if packed is not None:
+            try:
+                packed = self._pack_body({"result": result})
+            except _NotInline:
+                return None
+            if len(packed) < INLINE_BYTES_LIMIT:
                 header = self._pack(self._head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), self._middle, _time_ns(),
                                     _PARENT_BIN16, request_id, self._tail)
                 return [routing_id, MAGIC, header, packed]

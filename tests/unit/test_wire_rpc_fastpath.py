@@ -52,6 +52,7 @@ def test_the_request_encoder_writes_what_encode_rpc_request_writes(method: str, 
 @pytest.mark.parametrize("args", [
     {"blob": b"x" * 70_000},                 # a buffer frame
     {"x": np.arange(4, dtype=np.float32)},   # an array frame
+    {"nested": {"x": np.arange(4)}},         # an array frame further in (the inline packing declines it)
     {"many": ["y" * 1000] * 70},             # a body past the inline limit
 ])
 def test_the_request_encoder_hands_unusual_arguments_to_the_general_encoder(args: dict) -> None:
@@ -89,8 +90,13 @@ def test_the_reply_encoder_declines_frames_and_large_bodies() -> None:
     assert encoder.encode(b"\x00peer", request.msg_id, {"x": np.zeros(3)}) is None
     assert encoder.encode(b"\x00peer", request.msg_id, {"s": "y" * 70_000}) is None
     assert encoder.encode(b"\x00peer", request.msg_id, 42) is not None
+    # A value msgpack cannot take is left to the general encoder, which says what is wrong.
+    assert encoder.encode(b"\x00peer", request.msg_id, {"x": object()}) is None
     with pytest.raises(TypeError):
-        encoder.encode(b"\x00peer", request.msg_id, {"x": object()})
+        wire.encode_result(request, {"x": object()}, sender="svc")
+    # A declined packing leaves nothing behind in the encoder's packer.
+    frames = encoder.encode(b"\x00peer", request.msg_id, {"a": [1, 2]})
+    assert frames is not None and frames[3] == msgpack.packb({"result": {"a": [1, 2]}}, use_bin_type=True)
 
 
 @settings(max_examples=200, deadline=None)
