@@ -73,18 +73,21 @@ def _receive(routed: bool, sock: zmq.Socket, flags: int = 0) -> list[Any]:
         frame = _recv(sock, flags, False)
     data = frame.bytes
     frames.append(data)
-    after_magic = 0 if data == _MAGIC else -1
-    while frame.more:
+    while data != _MAGIC:  # routing ids or a topic before it (or no MK1 at all)
+        if not frame.more:
+            return frames
         frame = _recv(sock, 0, False)
-        if after_magic >= 2:
-            frames.append(frame)
-            continue
         data = frame.bytes
         frames.append(data)
-        if after_magic >= 0:
-            after_magic += 1
-        elif data == _MAGIC:
-            after_magic = 0
+    if frame.more:  # the header
+        frame = _recv(sock, 0, False)
+        frames.append(frame.bytes)
+        if frame.more:  # the body
+            frame = _recv(sock, 0, False)
+            frames.append(frame.bytes)
+            while frame.more:  # buffers
+                frame = _recv(sock, 0, False)
+                frames.append(frame)
     return frames
 
 
