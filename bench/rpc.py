@@ -8,7 +8,7 @@ Usage::
 Prints exactly one JSON line on stdout (progress on stderr). What is measured:
 
 * ``rpc_*``: ``Client.call("echo", "echo", text=...)`` — the SDK's sync client, DEALER connected
-  directly to the echo replica's data-plane ROUTER (``bench.services:Echo``), ~100-byte
+  directly to the echo replica's data-plane ROUTER (``bench.numpy_echo:Echo``), ~100-byte
   msgpack payload, over ipc. The reply is ``{"text": text}``, as the raw servers' is.
 * ``raw_sync_*``: a blocking pyzmq ROUTER echo in its own process (recv, unpack, pack, send) and a
   blocking DEALER client (pack, send, recv, unpack). The ceiling for Python.
@@ -31,7 +31,7 @@ Prints exactly one JSON line on stdout (progress on stderr). What is measured:
   by a subscriber), median of >= 10. Backoff is configured to 0 s so the figure measures the restart
   mechanism, not the (configurable) backoff policy. Each kill waits until the kernel's warm standby
   has done its imports (steady state: restarts are rare next to its warm-up).
-  ``restart_to_ready_numpy_ms_p50``: the same for the echo fixture (``echo-numpy``), whose module imports numpy
+  ``restart_to_ready_numpy_ms_p50``: the same for the echo service, whose module imports numpy
   (the service's own import time is in it). ``restart_to_ready_cold_ms_p50``: Pong with its own
   ``PYTHONHASHSEED``, which the standby cannot serve: interpreter start + imports every time.
 """
@@ -63,8 +63,7 @@ RESTART_POLICY = {"backoff": {"initial": "0s"}, "intensity": 1000, "period": "60
 
 def services_config() -> dict[str, dict[str, Any]]:
     return {
-        "echo": {"entry": "bench.services:Echo"},
-        "echo-numpy": {"entry": "tests.fixtures.echo:Echo", **RESTART_POLICY},
+        "echo": {"entry": "bench.numpy_echo:Echo", **RESTART_POLICY},
         "pong": {"entry": "bench.services:Pong", **RESTART_POLICY},
         # The same service with an interpreter setting of its own: the warm standby cannot serve it,
         # so its restarts show the cold path (interpreter start + imports) in the same run.
@@ -354,8 +353,8 @@ def run(plan: Plan) -> dict[str, Any]:
             # Restart to ready.
             rr = restart_to_ready(client, daemon.events, "pong", plan.restarts)
             log(f"restart pong ms: {rr}")
-            rr_numpy = restart_to_ready(client, daemon.events, "echo-numpy", plan.restarts_extra)
-            log(f"restart echo-numpy (imports numpy) ms: {rr_numpy}")
+            rr_numpy = restart_to_ready(client, daemon.events, "echo", plan.restarts_extra)
+            log(f"restart echo (imports numpy) ms: {rr_numpy}")
             rr_cold = restart_to_ready(client, daemon.events, "pong-cold", plan.restarts_extra)
             log(f"restart pong-cold (no standby) ms: {rr_cold}")
         finally:

@@ -5,8 +5,6 @@
 * ``Idle`` — does nothing: heartbeats only. ``bench/scale.py`` starts hundreds of them.
 * ``Pong`` — like the echo fixture's ``echo`` but without importing numpy, to show how much of a
   restart is the service's own imports.
-* ``Echo`` — ``echo(text)`` answers ``{"text": text}``, exactly what the raw servers of
-  ``bench/raw.py`` answer, so that the RPC figures compare the same work on both sides.
 """
 
 from __future__ import annotations
@@ -48,11 +46,3 @@ class Pong(Service):
     def echo(self, text: str) -> dict[str, Any]:
         return {"text": text, "service": self.name, "replica": self.replica,
                 "incarnation": self.incarnation, "pid": os.getpid()}
-
-
-class Echo(Service):
-    """``echo(text)`` -> ``{"text": text}``: the raw echo's reply, through the SDK."""
-
-    @rpc
-    def echo(self, text: str) -> dict[str, Any]:
-        return {"text": text}
