@@ -204,6 +204,14 @@ def test_status_list_lookup_and_calls(kernel: KernelHandle) -> None:
 def test_call_many_pipelines_calls_and_yields_results_in_order(kernel: KernelHandle) -> None:
     with Client(runtime_dir=kernel.runtime_dir, name="test") as client:
         client.wait_ready("echo", timeout=CEILING)
+        # Both replicas reachable from this client first: the data-plane socket connects with
+        # ZMQ_IMMEDIATE, so a replica takes requests only once its connection is up, and until
+        # then every request goes to the other one.
+        seen: set[int] = set()
+        deadline = time.monotonic() + CEILING
+        while seen != {0, 1} and time.monotonic() < deadline:
+            seen.add(client.call("echo", "echo", text="warm-up")["replica"])
+        assert seen == {0, 1}
         texts = [f"t{i}" for i in range(300)]
         consumed: list[str] = []
 
