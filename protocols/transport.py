@@ -43,6 +43,7 @@ _decode_reply_map = wire.decode_reply_map
 _Packed = wire.Packed
 _NO_HANDOFFS: list[str] = []  # never appended to: a packed request carries no buffers
 _AWAITED = object()  # call_many: a request in flight whose reply has not come
+_NO_MORE = object()  # call_many: every argument map has been taken
 _monotonic = time.monotonic
 _time_ns = time.time_ns
 # The compiled socket class under pyzmq's Python wrapper: calling it directly with int flags skips
@@ -641,8 +642,8 @@ class SyncRequester:
         try:
             while True:
                 while more and len(inflight) < window:
-                    args = next(pending, _AWAITED)
-                    if args is _AWAITED:
+                    args = next(pending, _NO_MORE)
+                    if args is _NO_MORE:
                         more = False
                         break
                     msg_id = _new_msg_id()
