@@ -543,6 +543,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "succeeded": summary["succeeded"],
             "failed_clear_error": summary["failed_clear_error"],
             "failed_clear_error_by_code": summary["failed_clear_error_by_code"],
+            "failed_clear_error_by_op": summary["failed_clear_error_by_op"],
             "hung": summary["hung"],
             "failed_unclear": summary["failed_unclear"],
             "lost_acked_writes": len(verified["lost"]),
@@ -578,6 +579,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "slowest_over_timeout_s": summary["slowest_over_timeout_s"],
             "slowest_op": summary["slowest_op"],
         })
+        if summary["failed_clear_error_reasons"]:
+            result["failed_clear_error_reasons"] = summary["failed_clear_error_reasons"]
         if summary["failed_unclear_kinds"]:
             result["failed_unclear_kinds"] = summary["failed_unclear_kinds"]
         if summary["hung_calls"]:

@@ -6,7 +6,8 @@ Every request goes through ``Tally.run`` with the timeout it was given; it ends 
 
 * ``succeeded`` — an answer, checked where it can be (echo text, inference result, store digest);
 * ``failed_clear_error`` — a ``MicrokernelError`` with a code (``RemoteError``, ``CallTimeout``,
-  ``KernelUnavailable`` …), counted by code;
+  ``KernelUnavailable`` …), counted by code and by operation, with the first reason seen for
+  each operation and code (so a rare code in a long soak can be traced to what said it);
 * ``hung`` — returned more than ``grace`` seconds after its timeout, or never (still in flight at
   the end);
 * ``failed_unclear`` — anything else: an exception without a code, or a wrong answer.
@@ -31,6 +32,9 @@ from protocols.errors import ErrorCode, MicrokernelError
 
 T = TypeVar("T")
 
+# How many (operation, code) pairs keep the first reason they were given (the report stays short).
+ERROR_SAMPLES = 40
+
 # A reconnect attempt while the daemon is down (its socket is stale): retry pacing, not a wait.
 RECONNECT_PAUSE_S = 0.2
 # After a failed request: do not spin on an error that comes back at once (not_ready, unavailable).
@@ -53,6 +57,8 @@ class Tally:
     failed_unclear: int = 0
     by_code: Counter[str] = field(default_factory=Counter)
     by_op: Counter[str] = field(default_factory=Counter)
+    by_op_code: Counter[tuple[str, str]] = field(default_factory=Counter)
+    error_samples: dict[str, str] = field(default_factory=dict)  # "op code" -> the first reason
     unclear: Counter[str] = field(default_factory=Counter)
     hung_calls: list[dict[str, Any]] = field(default_factory=list)
     slowest_over_timeout_s: float = 0.0
@@ -69,11 +75,13 @@ class Tally:
             self._inflight[ident] = (op, t0, timeout)
         result: T | None = None
         code: str | None = None
+        reason = ""
         unclear: str | None = None
         try:
             result = fn()
         except MicrokernelError as exc:
             code = exc.code.value
+            reason = exc.reason
         except WrongAnswer as exc:
             unclear = f"wrong_answer:{op}: {exc}"[:200]
         except Exception as exc:  # noqa: BLE001 — anything without a code is what we are looking for
@@ -97,6 +105,10 @@ class Tally:
             elif code is not None:
                 self.failed_clear_error += 1
                 self.by_code[code] += 1
+                self.by_op_code[op, code] += 1
+                sample = f"{op} {code}"
+                if sample not in self.error_samples and len(self.error_samples) < ERROR_SAMPLES:
+                    self.error_samples[sample] = reason[:200]
             else:
                 self.succeeded += 1
         return None if code or unclear else result
@@ -119,11 +131,16 @@ class Tally:
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
+            by_op: dict[str, dict[str, int]] = {}
+            for (op, code), n in sorted(self.by_op_code.items()):
+                by_op.setdefault(op, {})[code] = n
             return {
                 "requests": self.requests,
                 "succeeded": self.succeeded,
                 "failed_clear_error": self.failed_clear_error,
                 "failed_clear_error_by_code": dict(sorted(self.by_code.items())),
+                "failed_clear_error_by_op": by_op,
+                "failed_clear_error_reasons": dict(sorted(self.error_samples.items())),
                 "hung": self.hung,
                 "failed_unclear": self.failed_unclear,
                 "failed_unclear_kinds": dict(self.unclear.most_common(10)),
