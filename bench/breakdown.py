@@ -52,7 +52,7 @@ def rpc_stages(ctx: zmq.Context) -> dict[str, float]:
     req_frames = wire.encode(req, sender="bench", msg_id=wire.new_msg_id(), deadline_ns=1 << 62)
     routed = [b"\x00\x80\x00\x00\x29", *req_frames]
     env = wire.decode(routed)
-    result = {"text": PAYLOAD_TEXT, "service": "echo", "replica": 0, "incarnation": 1, "pid": 12345}
+    result = {"text": PAYLOAD_TEXT}
     reply_frames = wire.encode_reply(env.header, messages.RpcReply(result=result), sender="svc:echo.0.1",
                                      routing=env.routing)
 
@@ -123,7 +123,7 @@ def dataplane_stages(ctx: zmq.Context) -> dict[str, float]:
     class E(Service):
         @rpc
         def echo(self, text: str) -> dict[str, Any]:
-            return {"text": text, "service": "echo", "replica": 0, "incarnation": 1, "pid": 12345}
+            return {"text": text}
 
     out: dict[str, float] = {}
 
@@ -214,7 +214,7 @@ def client_stages(ctx: zmq.Context) -> dict[str, float]:
     router = ctx.socket(zmq.ROUTER)
     router.bind("inproc://client")
     requester = SyncRequester(ctx, ["inproc://client"], sender="bench")
-    result = {"text": PAYLOAD_TEXT, "service": "echo", "replica": 0, "incarnation": 1, "pid": 12345}
+    result = {"text": PAYLOAD_TEXT}
     msg_id = wire.new_msg_id()
     hdr = wire.decode(wire.encode(messages.RpcRequest(method="echo", args={}), sender="bench", msg_id=msg_id)).header
     reply = wire.encode_reply(hdr, messages.RpcReply(result=result), sender="svc:echo.0.1")
