@@ -35,13 +35,16 @@ What is measured, in this order, all in one run on one machine:
   fixed by the round-robin. Before each kill ours waits for its warm standby to be warm (as
   ``bench/rpc.py``) and ``supervisord_default`` for RUNNING (its 1 s STARTING would otherwise turn
   the kill into a failed start).
-* ``<peer>_control_us_p50/_p99``: circus ``status`` on its ZeroMQ control endpoint (the JSON
-  ``circusctl`` sends, from a plain pyzmq DEALER), supervisord ``supervisor.getAllProcessInfo``
-  over XML-RPC on its unix socket (``xmlrpc.client``), ours ``Client.status(brief=True)`` (what
-  circus's ``status`` answers: each one's state) and, as ``ours_full_control_us_*``, the full
-  ``Client.status()`` (every replica with its pid, endpoint, resources: more than
-  ``getAllProcessInfo`` tells); 5 workers each, interleaved rounds. ``raw_zmq_control_us_*``: the
-  floor, a raw pyzmq DEALER → ROUTER echo (``bench/raw.py serve-sync``) in the same rounds.
+* ``<peer>_control_us_p50/_p99``: each supervisor's own client round trip, request built and
+  reply decoded: circus ``status`` on its ZeroMQ control endpoint as circus's ``CircusClient.call``
+  does it (a fresh id, the JSON request, send, poll, receive, ``json.loads``, the id checked; from a
+  plain pyzmq DEALER), supervisord ``supervisor.getAllProcessInfo`` over XML-RPC on its unix socket
+  (``xmlrpc.client``), ours ``Client.status(brief=True)`` (what circus's ``status`` answers: each
+  one's state) and, as ``ours_full_control_us_*``, the full ``Client.status()`` (every replica with
+  its pid, endpoint, resources: more than ``getAllProcessInfo`` tells); 5 workers each, interleaved
+  rounds. ``raw_zmq_control_us_*``: the floor, a raw pyzmq DEALER → ROUTER echo (``bench/raw.py
+  serve-sync``) in the same rounds; ``circus*_bytes_control_us_*``: circus's floor, one request
+  encoded once and the reply's bytes not decoded (no client work; not a peer configuration).
 * ``<peer>_memlimit_restart_ms_p50``: a worker told (``SIGUSR1``) to allocate until its RSS passes
   128 MiB → its replacement's ``up`` (ours: and ``service.ready``). circus: its
   ``resource_watcher`` plugin, ``max_mem = 128M``, CPU/health checks off, ``loop_rate = 0.1``
@@ -57,7 +60,8 @@ What is measured, in this order, all in one run on one machine:
 
 ``restart_vs_best_peer`` = ours restart p50 / the fastest peer configuration's restart p50;
 ``control_vs_best_peer`` likewise for the control p50 (ours brief); ``control_full_vs_best_peer``
-with our full status. Bar: both <= 0.5.
+with our full status. Bar: both <= 0.5. ``control_vs_circus_bytes``: ours brief against circus's
+floor (the faster of ``circus*_bytes_control_us_p50``), for reference.
 """
 
 from __future__ import annotations
@@ -178,6 +182,7 @@ def control(plan: Plan, peers: dict[str, PeerDaemon], client: Any, stack: ExitSt
         if isinstance(peer, Circus):
             peer.call("status")  # connects
             calls[label] = peer.status_fn()
+            calls[f"{label}_bytes"] = peer.bytes_status_fn()
         elif isinstance(peer, Supervisord):
             calls[label] = peer.rpc.getAllProcessInfo
     calls["ours"] = lambda: client.status(brief=True)
@@ -311,6 +316,11 @@ def run(plan: Plan) -> dict[str, Any]:
     })
     ours_full = result.get("ours_full_control_us_p50")
     result["control_full_vs_best_peer"] = round(ours_full / best_control_us, 3) if best_control_us and ours_full else None
+    # Against circus's floor (its reply's bytes, no client work): not the bar, shown so the client
+    # work in each round trip can be told from the daemon's.
+    floors = [v for v in (result.get("circus_bytes_control_us_p50"), result.get("circus_tuned_bytes_control_us_p50"))
+              if v is not None]
+    result["control_vs_circus_bytes"] = round(ours_control / min(floors), 3) if floors and ours_control else None
     bars = [result["restart_vs_best_peer"], result["control_vs_best_peer"]]
     result["pass"] = None if None in bars else all(b <= 0.5 for b in bars)
     result["loadavg_1m"] = round(os.getloadavg()[0], 2)

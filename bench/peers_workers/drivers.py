@@ -11,6 +11,7 @@ endpoint (a DEALER sending the JSON command ``circusctl`` sends) and supervisord
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -218,6 +219,7 @@ class Circus(PeerDaemon):
             f.write("\n".join(lines) + "\n")
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
 
     def command(self) -> list[str]:
         return [self.venv.circusd, self.config_path]
@@ -228,19 +230,31 @@ class Circus(PeerDaemon):
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.linger = 0
             self._sock.connect(self.endpoint)
+            self._poller = zmq.Poller()  # one poller per socket, as CircusClient keeps it
+            self._poller.register(self._sock, zmq.POLLIN)
+        poller = self._poller
+        assert poller is not None
         call_id = uuid.uuid4().hex
         self._sock.send(json.dumps({"command": command, "properties": props, "id": call_id}).encode())
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000)):
+            if left <= 0 or not poller.poll(int(left * 1000)):
                 raise TimeoutError(f"circus {command!r}: no reply within {timeout:g}s")
             reply = json.loads(self._sock.recv())
             if reply.get("id") == call_id:
                 return reply
 
     def status_fn(self) -> Any:
-        """A zero-argument ``status`` call for the latency loop (one reusable request)."""
+        """A zero-argument ``status`` call for the latency loop: what circus's own client
+        (``CircusClient.call``, behind ``circusctl``) does per call, as ``call`` does it: a fresh id,
+        the JSON request, send, poll, receive, the JSON reply decoded and its id checked."""
+        assert self._sock is not None, "call() once first"
+        return functools.partial(self.call, "status")
+
+    def bytes_status_fn(self) -> Any:
+        """``status_fn`` without the client's work: one request encoded once, the reply's bytes
+        not decoded. A floor for circus's control path, not a client round trip."""
         sock = self._sock
         assert sock is not None, "call() once first"
         request = json.dumps({"command": "status", "properties": {}, "id": uuid.uuid4().hex}).encode()
@@ -256,6 +270,7 @@ class Circus(PeerDaemon):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._poller = None
         super().stop(grace)
 
 
