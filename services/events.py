@@ -33,6 +33,7 @@ from protocols.transport import AsyncSocket
 from services.handlers import SubscriptionHandler, portable
 
 BACKLOG_LIMIT = 1_000
+TOPICS_REMEMBERED = 1_024  # event topics whose name was checked once (more are checked every time)
 QUEUE_LIMIT = 10_000
 SUBSCRIPTION_MAX_SIZE = 64 * 1024  # bytes; ZMQ_MAXMSGSIZE of the publisher's XPUB (subscriptions only)
 _SUBSCRIBE = 1  # first byte of an XPUB subscription message; 0 is unsubscribe
@@ -51,6 +52,8 @@ class EventPublisher:
         sock.connect(endpoint)
         self.sender = sender
         self.log = log
+        self._encoder = wire.EventEncoder(sender)  # the loop thread's (see publish)
+        self._topics: set[str] = set()  # topics that passed _check_topic
         self.synced = False
         self._backlog: collections.deque[list[Any]] = collections.deque()
         self._backlog_limit = backlog_limit
@@ -69,15 +72,22 @@ class EventPublisher:
             if self._dropped:
                 self.log.info("dropped %d events published before any subscription reached this replica", self._dropped)
 
+    def _check_topic(self, topic: str) -> None:
+        if type(topic) is str and topic in self._topics:
+            return
+        if not isinstance(topic, str) or not topic:
+            raise TypeError(f"event topic must be a non-empty string, got {topic!r}")
+        if topic.startswith(INTERNAL_PREFIX) or class_for(topic) is not None:
+            raise ValueError(f"event topic {topic!r} is reserved for the kernel")
+        if len(self._topics) < TOPICS_REMEMBERED:
+            self._topics.add(topic)
+
     def encode(self, topic: str, data: dict[str, Any]) -> list[Any]:
         """The frames of an event; raises TypeError/ValueError for unusable input.
 
         Pure (touches no socket), so it may run in any thread; ``send`` must run on the loop.
         """
-        if not isinstance(topic, str) or not topic:
-            raise TypeError(f"event topic must be a non-empty string, got {topic!r}")
-        if topic.startswith(INTERNAL_PREFIX) or class_for(topic) is not None:
-            raise ValueError(f"event topic {topic!r} is reserved for the kernel")
+        self._check_topic(topic)
         if not isinstance(data, dict):
             raise TypeError(f"event data must be a dict, got {type(data).__name__}")
         try:
@@ -99,8 +109,11 @@ class EventPublisher:
         self._backlog.append(frames)
 
     def publish(self, topic: str, data: dict[str, Any]) -> None:
-        """``send(encode(topic, data))``, on the loop's thread."""
-        self.send(self.encode(topic, data))
+        """``send(encode(topic, data))``, on the loop's thread only: the usual event is built by
+        the loop's own ``wire.EventEncoder`` (the same bytes, fewer steps)."""
+        self._check_topic(topic)
+        frames = self._encoder.encode(topic, data) if type(data) is dict else None
+        self.send(frames if frames is not None else self.encode(topic, data))
 
     def close(self, linger: int = 0) -> None:
         if self._backlog:

@@ -100,10 +100,10 @@ class ReplicaRuntime:
         """Publish an event; safe from any thread (training loops often run in a worker thread)."""
         publisher, loop = self._publisher, self._loop
         assert publisher is not None and loop is not None, "the runtime is not running"
-        frames = publisher.encode(topic, data)  # errors surface in the caller's thread
         if threading.get_ident() == self._loop_thread:
-            publisher.send(frames)
+            publisher.publish(topic, data)
         else:
+            frames = publisher.encode(topic, data)  # errors surface in the caller's thread
             loop.call_soon_threadsafe(publisher.send, frames)
 
     async def progress(self, message: str, extend_s: float) -> float:

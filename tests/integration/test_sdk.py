@@ -24,7 +24,7 @@ import pytest
 
 from protocols import messages, wire
 from protocols.errors import ErrorCode
-from tests.integration.stand_in_kernel import REPO, Caller, Child, FakeKernel, make_ready, runner_env, spawn
+from tests.integration.stand_in_kernel import CEILING, REPO, Caller, Child, FakeKernel, make_ready, runner_env, spawn
 
 # --- a shared echo replica for the RPC tests ------------------------------------------------------
 
@@ -147,6 +147,17 @@ def test_publish_reaches_the_event_bus(echo: Running) -> None:
     assert echo.kernel.wait_event("demo.threaded").message.data == {"n": 2}
     err = echo.caller.error("publish", topic="service.ready", data={})
     assert err.code == ErrorCode.HANDLER_ERROR and "reserved for the kernel" in err.reason
+    # A topic once published is remembered as valid; its later events and bad input are as before.
+    for n in (3, 4):
+        assert echo.caller.result("publish", topic="demo.twice", data={"n": n}) is None
+    end = time.monotonic() + CEILING
+    while [e.message.data for e in echo.kernel.events if e.topic == "demo.twice"] != [{"n": 3}, {"n": 4}]:
+        assert time.monotonic() < end, f"saw {[e.topic for e in echo.kernel.events]}"
+        echo.kernel.pump(end - time.monotonic())
+    err = echo.caller.error("publish", topic="demo.twice", data=[1, 2])
+    assert err.code == ErrorCode.HANDLER_ERROR and "event data must be a dict" in err.reason
+    err = echo.caller.error("publish", topic="", data={})
+    assert err.code == ErrorCode.HANDLER_ERROR and "non-empty string" in err.reason
 
 
 def test_call_looks_up_through_the_kernel_then_goes_direct(echo: Running) -> None:
