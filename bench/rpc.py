@@ -119,7 +119,7 @@ def pipelined_ours(ctx: zmq.Context, endpoints: list[str], n: int, window: int) 
         sock.connect(ep)
     encode = wire.RpcRequestEncoder("bench").encode
     decode_usual, decode = wire.decode_rpc_reply, wire.decode
-    send_message, recv_message = transport.send_message, transport.recv_message
+    send_message, recv_message = transport.send_message, transport.recv_reply
     new_msg_id, time_ns = wire.new_msg_id, time.time_ns
 
     def request() -> None:

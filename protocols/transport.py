@@ -96,6 +96,62 @@ def _receive(routed: bool, sock: zmq.Socket, flags: int = 0) -> list[Any]:
 recv_message = functools.partial(_receive, False)
 recv_routed = functools.partial(_receive, True)
 
+# recv_reply: an MK1 that turned out to begin the next message, by socket, with its ``more`` (None:
+# not known). Never more than one per socket; ``forget`` drops a closed socket's.
+_held: dict[zmq.Socket, bool | None] = {}
+
+
+def recv_reply(sock: zmq.Socket, flags: int = 0) -> list[Any]:
+    """``recv_message`` for a DEALER, whose peers' messages begin with ``MK1``: the same frames for
+    every such message (``MK1``, the header and the body as ``bytes``, buffers as ``zmq.Frame``).
+
+    ``MK1`` and the header are received as plain copies (a ``zmq.Frame`` costs several times more)
+    and only the body as a ``zmq.Frame``, whose ``more`` says whether buffers follow. A copy does
+    not tell whether its message goes on, so a malformed message that ends early (a lone ``MK1``,
+    or no body) is recognised by what follows it: nothing (the receive would wait), or the ``MK1``
+    of the next message where a header or a body must be (a valid header or body is a msgpack map,
+    never ``MK1``). The short message is returned as it is, for the decoder to reject, and the next
+    message is read whole on the next call. No message of any peer is lost or merged with another
+    one that way (a malformed message with ``MK1`` where its header or body should be is split
+    there); a first frame other than ``MK1`` is read to its end by asking the socket.
+    """
+    if _held and sock in _held:
+        more = _held.pop(sock)
+        if more is False:
+            return [_MAGIC]  # the held MK1 was a message of its own
+    else:
+        first = _recv(sock, flags, True)
+        if first != _MAGIC:  # not a reply of the protocol: the rest of it, whatever it is
+            frames = [first]
+            while _get(sock, _RCVMORE):
+                frames.append(_recv(sock, 0, True))
+            return frames
+    try:
+        header = _recv(sock, NOBLOCK, True)
+    except zmq.Again:
+        return [_MAGIC]  # a lone MK1
+    if header == _MAGIC:
+        _held[sock] = None
+        return [_MAGIC]  # a lone MK1; this MK1 begins the next message
+    try:
+        body = _recv(sock, NOBLOCK, False)
+    except zmq.Again:
+        return [_MAGIC, header]  # no body
+    data = body.bytes
+    if data == _MAGIC:
+        _held[sock] = body.more
+        return [_MAGIC, header]  # no body; this MK1 begins the next message
+    frames = [_MAGIC, header, data]
+    while body.more:  # buffers
+        body = _recv(sock, 0, False)
+        frames.append(body)
+    return frames
+
+
+def forget(sock: zmq.Socket) -> None:
+    """Drop what ``recv_reply`` held for ``sock`` (when it is closed)."""
+    _held.pop(sock, None)
+
 
 def send_message(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message: a small ``bytes`` frame is copied (cheaper than tracking its
@@ -162,8 +218,9 @@ class AsyncSocket:
         self.dropped = 0
         # How one message is read, ``receive(sock, flags) -> frames``: a subclass may read more
         # than the frames (e.g. the sender's CURVE key from their properties).
+        kind = sock.type
         self.receive: Callable[[zmq.Socket, int], list[Any]] = (
-            recv_routed if sock.type == zmq.ROUTER else recv_message)
+            recv_routed if kind == zmq.ROUTER else recv_reply if kind == zmq.DEALER else recv_message)
         self.loop.add_reader(self._fd, self._on_ready)
         # Messages may already be queued before the reader was registered.
         self._schedule_check()
@@ -295,6 +352,7 @@ class AsyncSocket:
             self.loop.remove_reader(self._fd)
         except Exception:  # the loop may already be closed
             pass
+        forget(self.sock)
         self.sock.close(linger=linger)
 
 
@@ -695,7 +753,7 @@ class SyncRequester:
                 ms = -(-max(1, int(left * 1000)) // 10) * 10
                 if timeouts.get(_RCVTIMEO) != ms:
                     self._set_timeout(_RCVTIMEO, ms)
-                frames_in = recv_message(sock)
+                frames_in = recv_reply(sock)
             except zmq.Again:
                 raise CallTimeout(f"no reply to {_label(what)} from {', '.join(self.endpoints)} "
                                   f"within {timeout:g}s") from None
@@ -764,4 +822,5 @@ class SyncRequester:
         return env
 
     def close(self) -> None:
+        forget(self.sock)
         self.sock.close(linger=0)

@@ -93,3 +93,108 @@ def test_recv_message_with_noblock_raises_again_when_nothing_is_queued(pair) -> 
     _, b = pair
     with pytest.raises(zmq.Again):
         transport.recv_message(b, transport.NOBLOCK)
+
+
+# --- recv_reply: a DEALER's receive, MK1 and the header as copies -----------------------------------
+
+_HEADER = st.binary(min_size=1, max_size=30).map(lambda b: b"\x87" + b)  # a msgpack map's first byte
+_VALID = st.builds(lambda h, b, bufs: [MAGIC, h, b"\x81" + b, *bufs],
+                   _HEADER, st.binary(max_size=30), st.lists(st.one_of(st.binary(max_size=20), st.just(MAGIC)), max_size=2))
+_MALFORMED = st.one_of(
+    st.just([MAGIC]),                                          # a lone MK1
+    _HEADER.map(lambda h: [MAGIC, h]),                         # no body
+    st.lists(_frame(), min_size=1, max_size=4).filter(lambda f: f[0] != MAGIC),  # not a reply at all
+)
+
+
+def _is_reply(frames: list[bytes]) -> bool:
+    return len(frames) >= 3 and frames[0] == MAGIC and frames[1][:1] == b"\x87" and frames[2][:1] == b"\x81"
+
+
+@pytest.fixture(scope="module")
+def dealer_peers():
+    """A DEALER with two ROUTER peers, as a client with two replicas of a service."""
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.rcvtimeo = 10_000
+    routers = []
+    for _ in range(2):
+        address = f"inproc://replies-{next(_addresses)}"
+        router = ctx.socket(zmq.ROUTER)
+        router.linger = 0
+        router.bind(address)
+        dealer.connect(address)
+        routers.append(router)
+    for router in routers:  # each router learns the dealer's routing id
+        dealer.send(b"hello")
+    ids = []
+    for router in routers:
+        router.rcvtimeo = 10_000
+        ids.append(router.recv_multipart()[0])
+    yield dealer, list(zip(routers, ids))
+    transport.forget(dealer)
+    dealer.close()
+    for router in routers:
+        router.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=st.lists(st.tuples(st.integers(0, 1), st.one_of(_VALID, _MALFORMED)), min_size=1, max_size=8))
+def test_recv_reply_returns_every_valid_reply_whole_whatever_malformed_ones_come_between(
+        dealer_peers, script: list[tuple[int, list[bytes]]]) -> None:
+    dealer, peers = dealer_peers
+    # Every valid reply made unique (its position in the body), so each can be told from the others.
+    script = [(peer, [*frames[:2], frames[2] + b"#%d" % i, *frames[3:]] if _is_reply(frames) else frames)
+              for i, (peer, frames) in enumerate(script)]
+    ends = [[MAGIC, b"\x87end", b"\x81" + bytes([peer])] for peer in (0, 1)]
+    for peer, frames in script:
+        router, ident = peers[peer]
+        transport.send_message(router, [ident, *frames])
+    for (router, ident), end in zip(peers, ends):  # each peer's last message: a valid reply
+        transport.send_message(router, [ident, *end])
+    # Receive until both ends came (each peer's messages arrive in its order, so all of the script's
+    # did): every valid reply must come back intact, never merged with anything, in its peer's order.
+    valid = [frames for _, frames in script if _is_reply(frames)]
+    got = []
+    while not all(end in [[bytes(f) for f in frames] for frames in got] for end in ends):
+        got.append(transport.recv_reply(dealer))  # rcvtimeo: a ceiling, never reached when this works
+    received_valid = [[bytes(f) for f in frames] for frames in got
+                      if len(frames) >= 3 and frames[0] == MAGIC and bytes(frames[1])[:1] == b"\x87"
+                      and bytes(frames[2])[:1] == b"\x81" and [bytes(f) for f in frames] not in ends]
+    for frames in received_valid:
+        assert frames in valid, f"a reply that was never sent: {frames}\nsent {script}\ngot {got}"
+    for peer in (0, 1):
+        mine = [frames for p, frames in script if p == peer and frames in valid]
+        assert [f for f in received_valid if f in mine] == mine, f"sent {script}\ngot {got}"
+    # Envelope frames are bytes, buffers zmq.Frame, as recv_message gives them.
+    for frames in got:
+        if frames[0] == MAGIC and len(frames) >= 3:
+            assert all(type(f) is bytes for f in frames[:3]) and all(type(f) is zmq.Frame for f in frames[3:])
+    assert not transport._held.get(dealer)
+
+
+def test_recv_reply_gives_a_lone_mk1_back_as_it_is_and_the_next_reply_whole(dealer_peers) -> None:
+    dealer, peers = dealer_peers
+    router, ident = peers[0]
+    router.send_multipart([ident, MAGIC])
+    assert transport.recv_reply(dealer) == [MAGIC]  # nothing after it: the receive does not wait
+    router.send_multipart([ident, MAGIC])
+    router.send_multipart([ident, MAGIC, b"\x87h"])
+    router.send_multipart([ident, MAGIC, b"\x87h2", b"\x81b2", b"buffer"])
+    assert transport.recv_reply(dealer) == [MAGIC]
+    assert transport.recv_reply(dealer) == [MAGIC, b"\x87h"]
+    got = transport.recv_reply(dealer)
+    assert got[:3] == [MAGIC, b"\x87h2", b"\x81b2"] and bytes(got[3]) == b"buffer" and len(got) == 4
+    assert not transport._held
+
+
+def test_recv_reply_reads_a_message_that_is_no_reply_to_its_end(dealer_peers) -> None:
+    dealer, peers = dealer_peers
+    router, ident = peers[1]
+    router.send_multipart([ident, b"junk", MAGIC, b"x"])
+    router.send_multipart([ident, MAGIC, b"\x87h", b"\x81b"])
+    assert transport.recv_reply(dealer) == [b"junk", MAGIC, b"x"]
+    assert transport.recv_reply(dealer) == [MAGIC, b"\x87h", b"\x81b"]
+    with pytest.raises(zmq.Again):
+        transport.recv_reply(dealer, transport.NOBLOCK)
