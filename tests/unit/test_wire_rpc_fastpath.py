@@ -1,6 +1,6 @@
-"""The RPC hot paths (``RpcRequestEncoder``, ``RpcReplyEncoder``, ``decode_rpc_reply`` and
-``SyncRequester.call``) give exactly what the general encoder and decoder give, and leave
-everything unusual to them."""
+"""The hot paths (``RpcRequestEncoder``, ``RpcReplyEncoder``, ``decode_rpc_reply``,
+``SyncRequester.call`` and the publishers' ``EventEncoder``) give exactly what the general
+encoder and decoder give, and leave everything unusual to them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from protocols import messages as m
 from protocols import transport, wire
 from protocols.errors import ErrorCode, MicrokernelError, RemoteError
+from protocols.registry import class_for
 from protocols.transport import AsyncRequester, NoPeer, SyncRequester
 
 NOW = 1_790_000_000_123_456_789
@@ -362,3 +363,56 @@ def test_sync_requester_call_many_keeps_replies_that_come_before_their_turn(fail
     finally:
         thread.join(10)
         requester.close()
+
+
+# --- events: the publishers' EventEncoder --------------------------------------------------------
+
+
+def general(topic: str, data: dict) -> list:
+    return wire.encode(wire.Event(topic, data), sender="svc:pub.0.1", topic=topic)
+
+
+@settings(max_examples=200, deadline=None)
+@given(topic=st.text(min_size=1, max_size=24).filter(lambda t: class_for(t) is None), data=st.dictionaries(st.text(max_size=10), _VALUES, max_size=5))
+def test_the_event_encoder_writes_what_encode_writes_or_declines(topic: str, data: dict) -> None:
+    with frozen():
+        fast = wire.EventEncoder("svc:pub.0.1").encode(topic, data)
+    with frozen():
+        expected = general(topic, data)
+    if fast is None:  # declined: a binary among the top-level values
+        assert any(type(v) is bytes for v in data.values())
+    else:
+        assert fast == expected
+        env = wire.decode(fast, topic=True)
+        assert env.topic == topic and env.message == wire.Event(topic, data)
+
+
+@pytest.mark.parametrize("data", [
+    {"blob": b"x" * 70_000},                 # a buffer frame
+    {"x": np.arange(4, dtype=np.float32)},   # an array frame
+    {"nested": {"x": np.arange(4)}},         # an array frame further in (the inline packing declines it)
+    {"many": ["y" * 1000] * 70},             # a body past the inline limit
+    {"odd": object()},                       # nothing msgpack takes: the general encoder says what is wrong
+])
+def test_the_event_encoder_declines_what_only_the_general_encoder_can_do(data: dict) -> None:
+    encoder = wire.EventEncoder("svc:pub.0.1")
+    assert encoder.encode("demo.tick", data) is None
+    # A declined packing leaves nothing behind in the encoder's packer.
+    with frozen():
+        fast = encoder.encode("demo.tick", {"n": 1})
+    with frozen():
+        assert fast == general("demo.tick", {"n": 1})
+
+
+def test_the_event_encoder_remembers_a_bounded_number_of_topics() -> None:
+    encoder = wire.EventEncoder("svc:pub.0.1")
+    for i in range(wire.EventEncoder.TOPICS):
+        assert encoder.encode(f"demo.t{i}", {"i": i}) is not None
+    # Past its bound it declines new topics (the general encoder has its own bounded cache) and
+    # still serves the ones it knows.
+    assert encoder.encode("demo.one_more", {"i": 0}) is None
+    with frozen():
+        fast = encoder.encode("demo.t3", {"i": 3})
+    with frozen():
+        assert fast == general("demo.t3", {"i": 3})
+    assert encoder.encode(b"demo.bytes", {"i": 0}) is None  # type: ignore[arg-type]
