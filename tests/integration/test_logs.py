@@ -176,11 +176,15 @@ def test_a_waiting_follow_request_is_answered_when_records_are_written(short_tmp
     with start_kernel(config, short_tmp) as k, Client(runtime_dir=k.runtime_dir, timeout=CEILING) as c:
         with c.events("service.ready", since_seq=0) as stream:
             wait_event(stream, is_event("service.ready", "count"))
-        cursor = c.logs("count", 0)["cursor"]
-        while True:  # the first incarnation's lines may still be arriving: catch up first
-            reply = c.logs("count", cursor=cursor)
-            if not reply["lines"]:
-                break
+        # The first incarnation's lines may still be arriving ("ready" is its spawn): follow until
+        # its last one is there, so that what the waiting request gets next is the restart's.
+        reply = c.logs("count", 1000)
+        seen = [line.split(" ", 3)[3] for line in reply["lines"]]
+        cursor = reply["cursor"]
+        while "inc 1 line 0002" not in seen:
+            reply = c.logs("count", cursor=cursor, wait_s=CEILING)
+            assert reply["lines"], f"the first incarnation's last line did not come within {CEILING}s: {seen}"
+            seen += [line.split(" ", 3)[3] for line in reply["lines"]]
             cursor = reply["cursor"]
         answers: queue.Queue[dict] = queue.Queue()
 
