@@ -55,7 +55,6 @@ class Tally:
     failed_clear_error: int = 0
     hung: int = 0
     failed_unclear: int = 0
-    by_code: Counter[str] = field(default_factory=Counter)
     by_op: Counter[str] = field(default_factory=Counter)
     by_op_code: Counter[tuple[str, str]] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)  # "op code" -> the first reason
@@ -104,7 +103,6 @@ class Tally:
                 self.unclear[unclear] += 1
             elif code is not None:
                 self.failed_clear_error += 1
-                self.by_code[code] += 1
                 self.by_op_code[op, code] += 1
                 sample = f"{op} {code}"
                 if sample not in self.error_samples and len(self.error_samples) < ERROR_SAMPLES:
@@ -132,13 +130,15 @@ class Tally:
     def summary(self) -> dict[str, Any]:
         with self._lock:
             by_op: dict[str, dict[str, int]] = {}
+            by_code: Counter[str] = Counter()
             for (op, code), n in sorted(self.by_op_code.items()):
                 by_op.setdefault(op, {})[code] = n
+                by_code[code] += n
             return {
                 "requests": self.requests,
                 "succeeded": self.succeeded,
                 "failed_clear_error": self.failed_clear_error,
-                "failed_clear_error_by_code": dict(sorted(self.by_code.items())),
+                "failed_clear_error_by_code": dict(sorted(by_code.items())),
                 "failed_clear_error_by_op": by_op,
                 "failed_clear_error_reasons": dict(sorted(self.error_samples.items())),
                 "hung": self.hung,

@@ -112,7 +112,7 @@ class EventPublisher:
         """``send(encode(topic, data))``, on the loop's thread only: the usual event is built by
         the loop's own ``wire.EventEncoder`` (the same bytes, fewer steps)."""
         self._check_topic(topic)
-        frames = self._encoder.encode(topic, data) if type(data) is dict else None
+        frames = self._encoder.encode(topic, data)  # None for anything but the usual event
         self.send(frames if frames is not None else self.encode(topic, data))
 
     def close(self, linger: int = 0) -> None:
