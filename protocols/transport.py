@@ -25,6 +25,11 @@ from protocols.errors import CallTimeout, ErrorCode, MicrokernelError, ProtocolE
 log = logging.getLogger("microkernel.transport")
 
 DRAIN_BATCH = 256
+# Replies made with send_soon while a burst of messages is drained leave in groups of up to this
+# many (the reply to a burst's first message leaves at once, so a lone request waits for nothing).
+# Sent one by one, each reply can wake the ZeroMQ I/O thread; a group wakes it once. A held reply
+# waits for at most COALESCE - 1 other messages' handling, which its sender keeps short (release()).
+COALESCE = 8
 # Frames at least this large are sent zero-copy; smaller ones are cheaper to copy (creating a
 # zmq.Frame and tracking its lifetime costs more than copying a few hundred bytes).
 ZERO_COPY_THRESHOLD = 64 * 1024
@@ -214,6 +219,8 @@ class AsyncSocket:
         self._outbox: collections.deque[Sequence[Any]] = collections.deque()
         self._check_pending = False
         self._draining = False
+        self._coalescing = False  # inside a drain, past its first message: send_soon groups replies
+        self._soon: list[Sequence[Any]] = []
         self._closed = False
         self.dropped = 0
         # How one message is read, ``receive(sock, flags) -> frames``: a subclass may read more
@@ -242,17 +249,26 @@ class AsyncSocket:
         # edge-triggered FD) says whether more is queued, much cheaper than a receive that fails
         # with zmq.Again. Once a burst shows, receiving until EAGAIN is cheaper than asking first.
         # (A receive, failed or not, processes the socket's commands: the FD is re-armed either way.)
+        # Replies grouped by send_soon leave before the drain looks for more messages for the last
+        # time, so that look also covers what their sending did to the FD.
         sock = self.sock
         receive = self.receive
         self._draining = True
         try:
             for i in range(DRAIN_BATCH):
                 try:
-                    if i == 1 and not _get(sock, _EVENTS) & _POLLIN:
-                        return
+                    if i == 1:
+                        if not _get(sock, _EVENTS) & _POLLIN:
+                            return
+                        self._coalescing = True  # a burst: group the replies from here on
                     frames = receive(sock, NOBLOCK)
                 except zmq.Again:
-                    return
+                    if not self._soon:
+                        return
+                    self.release()
+                    if not _get(sock, _EVENTS) & _POLLIN:
+                        return
+                    continue
                 except zmq.ZMQError as exc:
                     if self._closed or exc.errno == zmq.ENOTSOCK:
                         return
@@ -265,8 +281,12 @@ class AsyncSocket:
                     return
                 if self._outbox:
                     self._flush()
+            self.release()
         finally:
-            self._draining = False
+            self._draining = self._coalescing = False
+            if self._soon:  # left by an error above: send them, and look again
+                self.release()
+                self._schedule_check()
         # More may be queued: yield to the loop so other sockets get a turn, then continue.
         self._schedule_check()
 
@@ -303,6 +323,8 @@ class AsyncSocket:
         """Send ``frames`` now or not at all (nothing is queued); returns whether it left."""
         if self._closed or self._outbox:
             return False
+        if self._soon:
+            self.release()  # in order
         try:
             send_message(self.sock, frames, NOBLOCK)
         except zmq.Again:
@@ -316,6 +338,8 @@ class AsyncSocket:
         """Queue ``frames`` for sending; returns False when the message was dropped."""
         if self._closed:
             return False
+        if self._soon:
+            self.release()  # in order
         if not self._outbox:
             # try_send's body, without its call: this runs once per reply on the data plane.
             try:
@@ -338,6 +362,28 @@ class AsyncSocket:
         self._outbox.append(frames)
         return True
 
+    def send_soon(self, frames: Sequence[Any]) -> None:
+        """``send`` for a reply made while handling an inbound message, without the drop report:
+        inside a burst it leaves with the next few replies (``COALESCE``), and always before the
+        drain ends; anywhere else at once. A dropped message is counted in ``dropped``. Whoever
+        handles messages with more than a few microseconds of work calls ``release`` first."""
+        if self._coalescing:
+            soon = self._soon
+            soon.append(frames)
+            if len(soon) >= COALESCE:
+                self.release()
+        else:
+            self.send(frames)
+
+    def release(self) -> None:
+        """Send the replies ``send_soon`` is holding, in order (before work that may take a while)."""
+        soon = self._soon
+        if soon:
+            self._soon = []
+            send = self.send
+            for frames in soon:
+                send(frames)
+
     @property
     def queued(self) -> int:
         """Messages waiting for the socket to accept them."""
@@ -347,6 +393,8 @@ class AsyncSocket:
         """Stop watching the socket and close it."""
         if self._closed:
             return
+        if self._soon:
+            self.release()  # grouped replies leave with the lingering ones
         self._closed = True
         try:
             self.loop.remove_reader(self._fd)

@@ -112,12 +112,17 @@ class ArgSpec:
 
 @dataclass(slots=True)
 class RpcHandler:
-    """A bound ``@rpc`` method ready to dispatch."""
+    """A bound ``@rpc`` method ready to dispatch.
+
+    ``quick``: its last call (a sync one) returned within ``QUICK_NS``; replies made before a call
+    of it may wait for that call (``services.dataplane``).
+    """
 
     name: str
     fn: Callable[..., Any]
     is_async: bool
     args: ArgSpec
+    quick: bool = False
 
 
 @dataclass(slots=True)
