@@ -494,7 +494,7 @@ class AsyncRequester:
             if waiting:
                 usual = decode_usual(frames, self.max_size)
                 if usual is not None:
-                    fut = waiting.pop(usual[0].parent_id, None)
+                    fut = waiting.pop(usual[0], None)
                     if fut is not None:
                         if not fut.done():
                             fut.set_result(usual[1])
@@ -781,7 +781,7 @@ class SyncRequester:
             raise
 
     def _await_reply(self, msg_id: bytes, deadline: float, timeout: float, what: Any,
-                     decode_usual: Callable[[list[Any], int | None], tuple[wire.Header, Any] | None],
+                     decode_usual: Callable[[list[Any], int | None], tuple[bytes | None, Any] | None],
                      others: dict[bytes, Any] | None = None) -> tuple[Any, wire.Envelope | None]:
         """The reply to ``msg_id``: ``(value, None)`` when ``decode_usual`` reads it, else ``(None,
         envelope)`` from the general decoder (which raises for an error reply). Late replies to
@@ -807,7 +807,7 @@ class SyncRequester:
                                   f"within {timeout:g}s") from None
             usual = decode_usual(frames_in, max_size)
             if usual is not None:
-                parent = usual[0].parent_id
+                parent = usual[0]
                 if parent == msg_id:
                     return usual[1], None
                 if others is not None and others.get(parent) is _AWAITED:

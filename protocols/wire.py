@@ -18,6 +18,7 @@ a frame, and the receiver maps them read-only without copying (see ``protocols.h
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import struct
@@ -671,45 +672,61 @@ class EventEncoder:
         return [name, MAGIC, pack(head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), middle, _time_ns(), tail), packed]
 
 
-def _usual_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Header, dict[str, Any]] | None:
-    """``(header, body)`` of an ok reply on a DEALER (``[MK1, header, body]``) without buffer
-    frames, in the canonical header layout, whose body unpacks to a map; else None."""
+def _usual_reply(rpc: bool, frames: Sequence[Any], max_size: int | None) -> tuple[Any, ...] | None:
+    """The usual reply: an ok reply on a DEALER (``[MK1, header, body]``) without buffer frames, in
+    the canonical header layout, whose body unpacks to a map. ``rpc``: ``(parent_id, result)`` of
+    such an ``rpc_reply`` whose body is exactly ``{result: value}``; else ``(parent_id, msg_type,
+    body)`` of one of any type. None for anything else.
+
+    The header's parts are checked as :func:`_decode_canonical_header` checks them; for the usual
+    layout of a reply (a parent id, no deadline) without building the ``Header``, which the
+    callers do not need: they match the parent id and take the body.
+    """
     if len(frames) != 3:
         return None
     magic, raw_header, raw_body = frames
     if (type(raw_header) is not bytes or type(raw_body) is not bytes or magic != MAGIC
             or (max_size is not None and 3 + len(raw_header) + len(raw_body) > max_size)):
         return None
-    header = _decode_canonical_header(raw_header)
-    if header is None or header.status != STATUS_OK:
-        return None
+    layout = _ok_replies.get(len(raw_header))
+    fields = None
+    if layout is not None:
+        unpack, head, tail = layout
+        h, _, middle, _, k, parent_id, t = unpack(raw_header)
+        if h == head and t == tail and k == _PARENT_BIN16:
+            fields = _middles.get(middle)
+    if fields is not None:
+        msg_type = fields[0]
+    else:  # another layout, or one not learned yet
+        header = _decode_canonical_header(raw_header)
+        if header is None or header.status != STATUS_OK:
+            return None
+        parent_id, msg_type = header.parent_id, header.msg_type
     try:
         body = _unpackb(raw_body, raw=False, ext_hook=_no_buffers_hook)
     except Exception:
         return None
-    return (header, body) if type(body) is dict else None
-
-
-def decode_rpc_reply(frames: Sequence[Any], max_size: int | None) -> tuple[Header, Any] | None:
-    """``(header, result)`` of a caller's usual reply, else None.
-
-    The usual reply is an ok ``rpc_reply`` on a DEALER (``[MK1, header, body]``), without buffer
-    frames, in the canonical header layout, whose body is exactly ``{result: value}``. It is
-    checked here as :func:`decode` would check it, without building the ``RpcReply`` and the
-    ``Envelope``. None means "not the usual reply" only: ``decode`` then decides (errors, other
-    types, buffers, shared memory, and anything invalid take that path).
-    """
-    usual = _usual_reply(frames, max_size)
-    if usual is None:
+    if type(body) is not dict:
         return None
-    header, body = usual
-    if header.msg_type != "rpc_reply" or len(body) != 1 or "result" not in body:
+    if not rpc:
+        return parent_id, msg_type, body
+    if msg_type != "rpc_reply" or len(body) != 1 or "result" not in body:
         return None
-    return header, body["result"]
+    return parent_id, body["result"]
 
 
-def decode_reply_map(frames: Sequence[Any], max_size: int | None) -> tuple[Header, dict[str, Any]] | None:
-    """``(header, body map)`` of a caller's usual reply of a registered type, else None.
+# ``decode_rpc_reply(frames, max_size)``: ``(parent_id, result)`` of a caller's usual reply, else
+# None. The usual reply is an ok ``rpc_reply`` on a DEALER (``[MK1, header, body]``), without
+# buffer frames, in the canonical header layout, whose body is exactly ``{result: value}``. It is
+# checked here as :func:`decode` would check it, without building the ``Header``, the ``RpcReply``
+# and the ``Envelope``. None means "not the usual reply" only: ``decode`` then decides (errors,
+# other types, buffers, shared memory, and anything invalid take that path).
+decode_rpc_reply: Callable[[Sequence[Any], int | None], tuple[bytes | None, Any] | None] = functools.partial(
+    _usual_reply, True)
+
+
+def decode_reply_map(frames: Sequence[Any], max_size: int | None) -> tuple[bytes | None, dict[str, Any]] | None:
+    """``(parent_id, body map)`` of a caller's usual reply of a registered type, else None.
 
     The usual reply is as for :func:`decode_rpc_reply` (an ok reply on a DEALER, no buffer frames,
     the canonical header) of any registered type. Its body is checked as :func:`decode` checks it
@@ -717,15 +734,15 @@ def decode_reply_map(frames: Sequence[Any], max_size: int | None) -> tuple[Heade
     message and the ``Envelope``: what the clients return. None means "not the usual reply" only:
     ``decode`` then decides, and explains what is wrong if anything is.
     """
-    usual = _usual_reply(frames, max_size)
+    usual = _usual_reply(False, frames, max_size)
     if usual is None:
         return None
-    header, body = usual
-    builder = _map_builders[header.msg_type]
+    parent_id, msg_type, body = usual
+    builder = _map_builders[msg_type]
     if builder is None:
         return None
     try:
-        return header, builder(body)
+        return parent_id, builder(body)
     except ProtocolError:
         return None
 
@@ -877,6 +894,8 @@ def _decode_canonical_header(raw: bytes) -> Header | None:
 
 
 _parsers: dict[int, tuple[int, Any, bytes, bytes, str | None]] = {}
+# The usual reply's layouts (a parent id, no deadline, status ok) by length, apart: (unpack, head, tail).
+_ok_replies: dict[int, tuple[Any, bytes, bytes]] = {}
 
 
 def _learn_layout(n: int, middle: bytes, parent: bool, deadline: bool, status: str | None) -> None:
@@ -885,6 +904,8 @@ def _learn_layout(n: int, middle: bytes, parent: bool, deadline: bool, status: s
     layout, head = _header_struct(middle, parent, deadline, tail)
     if layout.size == n and (n in _parsers or len(_parsers) < _TEMPLATE_LIMIT):
         _parsers[n] = (parent + 2 * deadline, layout.unpack, head, tail, status)
+        if parent and not deadline and status == STATUS_OK and (n in _ok_replies or len(_ok_replies) < _TEMPLATE_LIMIT):
+            _ok_replies[n] = (layout.unpack, head, tail)
 
 
 def _scan_header(raw: bytes) -> Header | None:

@@ -108,8 +108,8 @@ def test_decode_rpc_reply_agrees_with_decode(result: object) -> None:
     usual = wire.decode_rpc_reply(frames, 1 << 20)
     env = wire.decode(frames, max_size=1 << 20)
     assert usual is not None
-    header, got = usual
-    assert header == env.header and got == env.message.result
+    parent_id, got = usual
+    assert parent_id == env.header.parent_id == request.msg_id and got == env.message.result
 
 
 def _reply_frames(body: object) -> list:
@@ -130,6 +130,29 @@ def _reply_frames(body: object) -> list:
 ])
 def test_decode_rpc_reply_leaves_anything_unusual_to_decode(frames: list) -> None:
     assert wire.decode_rpc_reply(frames, 1 << 20) is None
+
+
+def test_decode_rpc_reply_reads_each_header_of_a_learned_length_by_its_own_parts() -> None:
+    # Replies of one length and layout from senders with names of one length: the first learns
+    # the layout, the others share it but not their msg_type..ts_ns part, which is checked apart.
+    senders = ["svc", "abc", "xyz"]
+    for sender in senders * 2:
+        request = _request_header()
+        frames = wire.encode_result(request, {"from": sender}, sender=sender)
+        assert wire.decode_rpc_reply(frames, 1 << 20) == (request.msg_id, {"from": sender})
+    # The same length and layout, but that part altered: an invalid protocol version (major 9),
+    # and a message type that is no reply, each decoded (or refused) as decode does.
+    request = _request_header()
+    frames = wire.encode_result(request, 1, sender="svc")
+    for old, new in ((b"\x92\x01", b"\x92\x09"), (b"\xa9rpc_reply", b"\xa9rpc_reque")):
+        assert old in frames[1]
+        altered = [frames[0], frames[1].replace(old, new), frames[2]]
+        assert len(altered[1]) == len(frames[1])
+        assert wire.decode_rpc_reply(altered, 1 << 20) is None
+    # A reply with a deadline (another layout of another length) still takes the usual path.
+    with_deadline = wire.encode(m.RpcReply(result=2), sender="svc", parent_id=request.msg_id,
+                                status=wire.STATUS_OK, deadline_ns=NOW + 10**9)
+    assert wire.decode_rpc_reply(with_deadline, 1 << 20) == (request.msg_id, 2)
 
 
 def test_decode_rpc_reply_respects_the_size_limit() -> None:
