@@ -575,31 +575,37 @@ class RpcRequestEncoder:
 
     The usual request (arguments without binaries or arrays, a small body) is built from the
     sender's header layout and one packing; anything else goes through ``encode_rpc_request``.
-    Both give the same bytes.
+    Both give the same bytes. ``encode`` is a closure over the layout: reading it from cells
+    instead of slots saves a fifth of the call.
     """
 
-    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail", "_pack_body")
+    __slots__ = ("sender", "encode")
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
         key = ("rpc_request", sender, None, False, True)
-        self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
-        self._pack_body = _inline_packer()
+        pack, head, middle, tail = _layouts.get(key) or _layout(key)
+        pack_body = _inline_packer()
 
-    def encode(self, method: str, args: dict[str, Any], msg_id: bytes, deadline_ns: int,
-               shm_threshold: int | None = None, handoffs: list[str] | None = None) -> list[Any]:
-        if (type(args) is dict and _BINARY_TYPES.isdisjoint(map(type, args.values())) and len(msg_id) == 16
-                and 0x1_0000_0000 <= deadline_ns <= _U64_MAX):
-            try:
-                packed = self._pack_body({"method": method, "args": args})
-            except _NotInline:
-                pass  # an array (or a value msgpack cannot take) further in: the general encoder's
-            else:
-                if len(packed) < INLINE_BYTES_LIMIT:
-                    header = self._pack(self._head, msg_id, self._middle, _time_ns(), _DEADLINE_U64, deadline_ns, self._tail)
-                    return [MAGIC, header, packed]
-        return encode_rpc_request(method, args, sender=self.sender, msg_id=msg_id, deadline_ns=deadline_ns,
-                                  shm_threshold=shm_threshold, handoffs=handoffs)
+        def encode(method: str, args: dict[str, Any], msg_id: bytes, deadline_ns: int,
+                   shm_threshold: int | None = None, handoffs: list[str] | None = None) -> list[Any]:
+            if type(args) is dict and len(msg_id) == 16 and 0x1_0000_0000 <= deadline_ns <= _U64_MAX:
+                for value in args.values():
+                    if type(value) in _BINARY_TYPES:
+                        break  # a binary argument: the general encoder decides where it goes
+                else:
+                    try:
+                        packed = pack_body({"method": method, "args": args})
+                    except _NotInline:
+                        pass  # an array (or a value msgpack cannot take) further in: the general encoder's
+                    else:
+                        if len(packed) < INLINE_BYTES_LIMIT:
+                            return [MAGIC, pack(head, msg_id, middle, _time_ns(), _DEADLINE_U64, deadline_ns, tail),
+                                    packed]
+            return encode_rpc_request(method, args, sender=sender, msg_id=msg_id, deadline_ns=deadline_ns,
+                                      shm_threshold=shm_threshold, handoffs=handoffs)
+
+        self.encode = encode
 
 
 class RpcReplyEncoder:
@@ -608,30 +614,37 @@ class RpcReplyEncoder:
     The usual result (a scalar, or a map without binaries or arrays, packing small) is built from
     the sender's header layout and one packing; for anything else (including a value msgpack
     cannot take) ``encode`` returns None and the caller takes ``encode_result``. Both give the
-    same bytes.
+    same bytes. ``encode`` is a closure over the layout, as ``RpcRequestEncoder``'s is.
     """
 
-    __slots__ = ("sender", "_pack", "_head", "_middle", "_tail", "_pack_body")
+    __slots__ = ("sender", "encode")
 
     def __init__(self, sender: str) -> None:
         self.sender = sender
         key = ("rpc_reply", sender, STATUS_OK, True, False)
-        self._pack, self._head, self._middle, self._tail = _layouts.get(key) or _layout(key)
-        self._pack_body = _inline_packer()
+        pack, head, middle, tail = _layouts.get(key) or _layout(key)
+        pack_body = _inline_packer()
 
-    def encode(self, routing_id: bytes, request_id: bytes, result: Any) -> list[Any] | None:
-        t = type(result)
-        if ((t is dict and _BINARY_TYPES.isdisjoint(map(type, result.values())) or t in _SCALARS)
-                and len(request_id) == 16):
+        def encode(routing_id: bytes, request_id: bytes, result: Any) -> list[Any] | None:
+            t = type(result)
+            if t is dict:
+                for value in result.values():
+                    if type(value) in _BINARY_TYPES:
+                        return None
+            elif t not in _SCALARS:
+                return None
+            if len(request_id) != 16:
+                return None
             try:
-                packed = self._pack_body({"result": result})
+                packed = pack_body({"result": result})
             except _NotInline:
                 return None
-            if len(packed) < INLINE_BYTES_LIMIT:
-                header = self._pack(self._head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), self._middle, _time_ns(),
-                                    _PARENT_BIN16, request_id, self._tail)
-                return [routing_id, MAGIC, header, packed]
-        return None
+            if len(packed) >= INLINE_BYTES_LIMIT:
+                return None
+            return [routing_id, MAGIC, pack(head, _pack_msg_id(_MSG_ID_PREFIX, next(_counter)), middle, _time_ns(),
+                                            _PARENT_BIN16, request_id, tail), packed]
+
+        self.encode = encode
 
 
 class EventEncoder:
